@@ -1,0 +1,15 @@
+"""The methods, one folder each, and the registry the engines build them from."""
+
+from __future__ import annotations
+
+from fedtune.algorithms.base import Algorithm
+from fedtune.algorithms.config import AlgorithmConfig
+
+
+def build_algorithm(cfg: AlgorithmConfig, pad_id: int) -> Algorithm:
+    """The algorithm named by ``cfg.name``."""
+    if cfg.name in ("fedavg", "fedit"):
+        from fedtune.algorithms.fedavg import FedAvg
+
+        return FedAvg(cfg, pad_id, lora=cfg.name == "fedit")
+    raise ValueError(f"unknown algorithm {cfg.name!r}")

@@ -1,0 +1,59 @@
+"""Config of the algorithm concern: which method, and its local training settings.
+
+Fields shared by the backprop baselines sit at the top level of ``[algorithm]``; each method's own
+knobs sit in a sub-table named after it (``[algorithm.lora]``), so one TOML file reads like the
+paper's hyper-parameter table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtune.configbase import check, check_choices, option, section
+
+ALGORITHMS = ("fedavg", "fedit")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class LoraConfig:
+    r: int = option(8, "LoRA rank r.")
+    alpha: int = option(16, "LoRA scaling numerator: the update is (alpha / r) * B A x.")
+    dropout: float = option(0.05, "Dropout on the LoRA branch input during local training.")
+    target_modules: list = option(
+        ["q_proj", "v_proj"], "Module names that get LoRA adapters (FedIT: the attention q and v)."
+    )
+
+    def validate(self, prefix: str) -> None:
+        check(self.r >= 1, f"{prefix}.r", self.r, "must be >= 1")
+        check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
+        check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
+        check(len(self.target_modules) > 0 and all(isinstance(m, str) for m in self.target_modules),
+              f"{prefix}.target_modules", self.target_modules, "must be a non-empty list of names")
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = option(
+        "fedavg",
+        "Method: 'fedavg' (full-parameter FedAvg, backprop on devices) or 'fedit' (FedAvg over "
+        "LoRA adapters, Zhang et al. 2024).",
+        ALGORITHMS,
+    )
+    local_steps: int = option(10, "Optimizer steps each sampled client takes per round.")
+    batch_size: int = option(4, "Examples per local step.")
+    lr: float = option(1e-3, "Local learning rate.")
+    optimizer: str = option("adamw", "Local optimizer, fresh on every client each round.", OPTIMIZERS)
+    weight_decay: float = option(0.0, "Decoupled weight decay of the local optimizer.")
+    max_grad_norm: float = option(1.0, "Clip the local gradient to this L2 norm; 0 disables.")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter settings (used by 'fedit').")
+
+    def validate(self, prefix: str = "algorithm") -> None:
+        check_choices(self, prefix)
+        check(self.local_steps >= 1, f"{prefix}.local_steps", self.local_steps, "must be >= 1")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.max_grad_norm >= 0, f"{prefix}.max_grad_norm", self.max_grad_norm,
+              "must be >= 0")
+        self.lora.validate(f"{prefix}.lora")

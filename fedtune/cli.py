@@ -1,0 +1,161 @@
+"""The ``fedtune`` command: run, eval, generate, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from fedtune.configbase import ConfigError
+
+EPILOG = """examples:
+  fedtune run                                   # the embedded default run, offline
+  fedtune run configs/tiny-fedit.toml --set federation.rounds=5 --out runs/try
+  fedtune run --resume runs/try                 # continue an interrupted run
+  fedtune eval runs/try                         # Rouge-L and eval loss of a run's model
+  fedtune generate runs/try --prompt "Reverse the word." --input "cat"
+  fedtune config                                # every config key, its default and its help
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fedtune", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Federated fine-tuning of language models (FedKSeed, FedPT and baselines).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a federation (the embedded defaults without a config)",
+                       description="Run a federated fine-tuning job and write a run directory: "
+                       "config.toml, partition.json, metrics.jsonl, summary.json, PNG plots, "
+                       "the exported model and a checkpoint per round.")
+    r.add_argument("config", nargs="?", help="TOML config file (default: embedded defaults; "
+                   "see `fedtune config`)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set federation.rounds=5 (repeatable)")
+    r.add_argument("--out", help="run directory (default: output.dir or runs/<name>-<time>)")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last completed round")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+
+    e = sub.add_parser("eval", help="Rouge-L and eval loss of a run or model directory",
+                       description="Evaluate a run directory's exported model (on the run's own "
+                       "eval split) or a model directory (on the data of --config/--set).")
+    e.add_argument("path", help="run directory or model directory")
+    e.add_argument("--config", help="TOML config whose data/evaluation sections to use")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    g = sub.add_parser("generate", help="greedy generation from a run or model directory")
+    g.add_argument("path", help="run directory or model directory")
+    g.add_argument("--prompt", required=True, help="the instruction")
+    g.add_argument("--input", default="", help="optional input / context of the instruction")
+    g.add_argument("--raw", action="store_true", help="send --prompt as is, without the template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+
+    c = sub.add_parser("config", help="list every config key with its default and help")
+    c.add_argument("--toml", action="store_true", help="print the defaults as a TOML file")
+    return p
+
+
+def _model_dir(path: Path) -> Path:
+    """A run directory's exported model, or ``path`` itself if it is a model directory."""
+    if (path / "model" / "config.json").is_file():
+        return path / "model"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"{path} is neither a run directory with model/ nor a model directory")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedtune import runner
+    from fedtune.config import load_config
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ConfigError("--resume", args.resume,
+                              "a resumed run uses its saved config; drop CONFIG and --set")
+        runner.resume(Path(args.resume), progress=not args.quiet)
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or cfg.output.dir or
+               f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (out / "metrics.jsonl").exists():
+        raise ConfigError("--out", str(out), "already holds a run; use --resume to continue it "
+                          "or choose another directory")
+    cfg.output.dir = str(out)
+    runner.run(cfg, out, progress=not args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fedtune.config import load_config
+    from fedtune.data.pipeline import build_federated_data
+    from fedtune.eval.evaluate import evaluate, select_eval_records
+    from fedtune.models.loading import load_model_and_tokenizer
+
+    path = Path(args.path)
+    cfg_file = args.config or (str(path / "config.toml") if (path / "config.toml").is_file()
+                               else None)
+    cfg = load_config(cfg_file, args.overrides)
+    model, tok = load_model_and_tokenizer(str(_model_dir(path)), cfg.model.dtype,
+                                          cfg.model.device)
+    data = build_federated_data(cfg.data)
+    ev = cfg.evaluation
+    records = select_eval_records(data.eval, ev.max_examples, ev.seed)
+    scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,
+                      batch_size=ev.batch_size, max_length=cfg.data.max_length)
+    print(json.dumps(scores, indent=1))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedtune.data.prompts import format_prompt
+    from fedtune.data.records import Record
+    from fedtune.eval.generation import greedy_generate
+    from fedtune.models.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(_model_dir(Path(args.path))), "float32", "auto")
+    prompt = args.prompt if args.raw else format_prompt(Record(args.prompt, args.input, ""))
+    print(greedy_generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedtune.config import RunConfig, describe_fields
+
+    if args.toml:
+        import tomli_w
+
+        print(tomli_w.dumps(RunConfig().to_dict()))
+        return 0
+    for key, tp, default, help_text in describe_fields():
+        print(f"{key} ({tp}, default {default!r})\n    {help_text}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as e:
+        print(f"fedtune: config error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fedtune: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nfedtune: interrupted; every completed round is saved "
+              "(continue with `fedtune run --resume RUN_DIR`)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Config of the data concern: where the records come from, how they split over clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtune.configbase import check, check_choices, option
+
+FORMATS = ("generated", "dolly", "natural-instructions", "alpaca", "jsonl", "hub")
+PARTITIONS = ("iid", "dirichlet", "natural")
+
+
+@dataclass
+class DataConfig:
+    format: str = option(
+        "generated",
+        "Record source: 'generated' (fedtune's own suite, no files needed), 'dolly' (Dolly-15k "
+        "JSONL), 'natural-instructions' (task JSON files + split files), 'alpaca' (Alpaca-style "
+        "JSON list), 'jsonl' (any JSONL, see data.fields) or 'hub' (a datasets hub id or path).",
+        FORMATS,
+    )
+    path: str = option(
+        "",
+        "File or directory of the records (for natural-instructions: the folder holding "
+        "'tasks_full/' or 'tasks/' and 'splits/default/'; for hub: a hub id or local path).",
+    )
+    fields: dict = option(
+        {},
+        "For 'jsonl' and 'hub': map of record field -> source key, e.g. "
+        "{instruction = 'question', output = 'answer', input = 'context', category = 'topic'}.",
+    )
+    hub_split: str = option("train", "For 'hub': the split to load.")
+    generated_per_family: int = option(
+        40, "For 'generated': examples generated per task family."
+    )
+    heldout_category: str = option(
+        "",
+        "Category held out whole for evaluation (the FedKSeed Dolly protocol holds out "
+        "'summarization'). Empty: hold out a random eval_fraction instead.",
+    )
+    eval_fraction: float = option(
+        0.1, "Share of records held out at random for evaluation when no category is held out."
+    )
+    partition: str = option(
+        "dirichlet",
+        "How training records are split over clients: 'iid', 'dirichlet' (Dirichlet(alpha) over "
+        "the category column) or 'natural' (one natural id, e.g. one NI task, per client).",
+        PARTITIONS,
+    )
+    num_clients: int = option(20, "Number of clients the training records are split over.")
+    alpha: float = option(0.5, "Dirichlet concentration; smaller is more heterogeneous.")
+    dirichlet_balance: bool = option(
+        True,
+        "Dirichlet: as in the FedIT/FedKSeed reference, a client already holding >= n/num_clients "
+        "records gets no share of the categories drawn after that (keeps sizes near the mean).",
+    )
+    min_client_size: int = option(
+        1, "Dirichlet draws are repeated (seeded) until every client holds at least this many."
+    )
+    ni_train_fraction: float = option(
+        0.2, "Natural Instructions: share of each train task's instances used (paper: 20%)."
+    )
+    ni_min_instances: int = option(
+        20,
+        "Natural Instructions: train tasks with fewer instances (after the length filter) are "
+        "skipped; each test task is sampled to at least this many (or kept whole).",
+    )
+    ni_eval_fraction: float = option(
+        0.02, "Natural Instructions: share of each test task's instances evaluated (at least 20)."
+    )
+    ni_max_input_chars: int = option(
+        4096, "Natural Instructions: instances whose input is longer are dropped (and counted)."
+    )
+    max_length: int = option(
+        256, "Tokens per training example (prompt + response); longer ones are truncated."
+    )
+    seed: int = option(42, "Seed of the partition and of every data sampling step.")
+
+    def validate(self, prefix: str = "data") -> None:
+        check_choices(self, prefix)
+        check(self.num_clients >= 1, f"{prefix}.num_clients", self.num_clients, "must be >= 1")
+        check(self.alpha > 0, f"{prefix}.alpha", self.alpha, "must be > 0")
+        check(0 < self.eval_fraction < 1, f"{prefix}.eval_fraction", self.eval_fraction,
+              "must be in (0, 1)")
+        check(self.max_length >= 8, f"{prefix}.max_length", self.max_length, "must be >= 8")
+        check(self.min_client_size >= 1, f"{prefix}.min_client_size", self.min_client_size,
+              "must be >= 1")
+        check(self.generated_per_family >= 1, f"{prefix}.generated_per_family",
+              self.generated_per_family, "must be >= 1")
+        for frac_key in ("ni_train_fraction", "ni_eval_fraction"):
+            v = getattr(self, frac_key)
+            check(0 < v <= 1, f"{prefix}.{frac_key}", v, "must be in (0, 1]")
+        check(self.format == "generated" or bool(self.path), f"{prefix}.path", self.path,
+              f"is required when data.format = {self.format!r}")
+        if self.format in ("jsonl", "hub"):
+            for required in ("instruction", "output"):
+                check(required in self.fields, f"{prefix}.fields", self.fields,
+                      f"must map '{required}' to a source key for format {self.format!r}")
+        allowed = {"instruction", "input", "output", "category", "source_id"}
+        for k in self.fields:
+            check(k in allowed, f"{prefix}.fields.{k}", self.fields[k],
+                  f"unknown record field; expected one of {sorted(allowed)}")

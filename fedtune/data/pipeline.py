@@ -1,0 +1,126 @@
+"""From a :class:`DataConfig` to the federation's data: client partitions and an eval set.
+
+Steps, each logged: load the records of ``cfg.format``; split off the eval set (a held-out
+category if ``heldout_category`` is set, else Natural Instructions' test tasks for that format,
+else a random ``eval_fraction``); partition the rest over ``num_clients`` by ``cfg.partition``.
+Every random step is seeded by ``cfg.seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fedtune.data.config import DataConfig
+from fedtune.data.generated import generate_suite
+from fedtune.data.loaders import (
+    load_alpaca,
+    load_dolly,
+    load_hub,
+    load_jsonl,
+    load_natural_instructions,
+)
+from fedtune.data.partition import (
+    PartitionSummary,
+    partition_by_id,
+    partition_dirichlet,
+    partition_iid,
+    random_holdout,
+    split_heldout,
+    summarize,
+)
+from fedtune.data.prompts import format_prompt
+from fedtune.data.records import Record
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FederatedData:
+    """Training records per client, the (server-side) eval records, and who holds what."""
+
+    clients: list[list[Record]]
+    eval: list[Record]
+    summary: PartitionSummary
+
+
+def _load_ni(cfg: DataConfig, split: str) -> list[Record]:
+    fraction = cfg.ni_train_fraction if split == "train" else cfg.ni_eval_fraction
+    return load_natural_instructions(
+        cfg.path, split=split, fraction=fraction, min_instances=cfg.ni_min_instances,
+        max_input_chars=cfg.ni_max_input_chars, seed=cfg.seed,
+    )
+
+
+def load_records(cfg: DataConfig) -> list[Record]:
+    """All records of ``cfg.format`` (for Natural Instructions: the sampled train tasks)."""
+    if cfg.format == "generated":
+        return generate_suite(cfg.generated_per_family, cfg.seed)
+    if cfg.format == "dolly":
+        return load_dolly(cfg.path)
+    if cfg.format == "alpaca":
+        return load_alpaca(cfg.path)
+    if cfg.format == "jsonl":
+        return load_jsonl(cfg.path, cfg.fields)
+    if cfg.format == "hub":
+        return load_hub(cfg.path, cfg.hub_split, cfg.fields)
+    if cfg.format == "natural-instructions":
+        return _load_ni(cfg, "train")
+    raise ValueError(f"unknown data.format {cfg.format!r}")
+
+
+def split_eval(cfg: DataConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """``(train, eval)`` by the config's eval rule (see the module docstring)."""
+    if cfg.heldout_category:
+        train, held = split_heldout(records, cfg.heldout_category)
+        logger.info("eval set: category %r held out whole (%d records; %d left to train on)",
+                    cfg.heldout_category, len(held), len(train))
+        return train, held
+    if cfg.format == "natural-instructions":
+        held = _load_ni(cfg, "test")
+        logger.info("eval set: Natural Instructions test tasks, %d records", len(held))
+        return records, held
+    train, held = random_holdout(records, cfg.eval_fraction, cfg.seed)
+    logger.info("eval set: random %.3g of the records (%d; seed %d), %d left to train on",
+                cfg.eval_fraction, len(held), cfg.seed, len(train))
+    return train, held
+
+
+def partition(cfg: DataConfig, records: list[Record]) -> list[list[Record]]:
+    """The training records split over ``cfg.num_clients`` clients by ``cfg.partition``."""
+    if cfg.partition == "iid":
+        return partition_iid(records, cfg.num_clients, cfg.seed)
+    if cfg.partition == "dirichlet":
+        return partition_dirichlet(records, cfg.num_clients, cfg.alpha, cfg.seed,
+                                   min_size=cfg.min_client_size, balance=cfg.dirichlet_balance)
+    if cfg.partition == "natural":
+        return partition_by_id(records, cfg.num_clients, cfg.seed)
+    raise ValueError(f"unknown data.partition {cfg.partition!r}")
+
+
+def build_federated_data(cfg: DataConfig) -> FederatedData:
+    """Load, split off the eval set, partition; the summary records the method, seed and sizes."""
+    cfg.validate()
+    records = load_records(cfg)
+    logger.info("data: %d records from format %r%s", len(records), cfg.format,
+                f" ({cfg.path})" if cfg.path else "")
+    train, held = split_eval(cfg, records)
+    clients = partition(cfg, train)
+    summary = summarize(clients)
+    summary.method = cfg.partition
+    summary.seed = cfg.seed
+    if cfg.partition == "dirichlet":
+        summary.params = {"alpha": cfg.alpha, "min_size": cfg.min_client_size,
+                          "balance": cfg.dirichlet_balance}
+    sizes = summary.sizes
+    logger.info("partition %r (seed %d): %d clients, sizes min %d / mean %.1f / max %d",
+                cfg.partition, cfg.seed, len(clients), min(sizes), sum(sizes) / len(sizes),
+                max(sizes))
+    return FederatedData(clients=clients, eval=held, summary=summary)
+
+
+def all_texts(data: FederatedData) -> list[str]:
+    """``prompt + output`` of every record, clients' then eval's (to train a tiny tokenizer)."""
+    return [format_prompt(r) + r.output for c in data.clients for r in c] + [
+        format_prompt(r) + r.output for r in data.eval
+    ]

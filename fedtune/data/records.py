@@ -1,0 +1,26 @@
+"""Instruction records: one common shape for every data source.
+
+Every loader (Dolly-15k, Natural Instructions, Alpaca, generic JSONL, hub datasets, the generated
+suite) yields :class:`Record` objects, so the partitioners, the prompt template and the metrics
+apply to all of them alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Record:
+    """One instruction example.
+
+    ``category`` is the column Dirichlet partitioning and held-out evaluation work on (Dolly's
+    category, the generated suite's task family); ``source_id`` is the natural id a client owns
+    under the by-natural-id partition (a Natural Instructions task name).
+    """
+
+    instruction: str
+    input: str
+    output: str
+    category: str = ""
+    source_id: str = ""

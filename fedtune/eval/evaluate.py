@@ -1,0 +1,84 @@
+"""One evaluation pass of a model on held-out records: Rouge-L of greedy outputs and eval loss.
+
+Prompts are the Alpaca template of :func:`fedtune.data.prompts.format_prompt`, encoded exactly
+as for training (:func:`fedtune.data.prompts.prompt_ids`); references are the records' outputs.
+The eval loss uses the training tokenisation too (:func:`fedtune.data.prompts.tokenize_records`,
+loss on response tokens and EOS only), so it is directly comparable with the training loss.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedtune.data.prompts import TokenizedExample, collate, prompt_ids, tokenize_records
+from fedtune.data.records import Record
+from fedtune.eval.generation import greedy_generate_ids
+from fedtune.eval.metrics import eval_loss, rouge_l
+
+
+def select_eval_records(
+    records: Sequence[Record], max_examples: int, seed: int
+) -> list[Record]:
+    """A deterministic subset of at most ``max_examples`` records, in their original order.
+
+    ``max_examples = 0`` (or at least ``len(records)``) keeps every record. The subset depends
+    only on ``len(records)``, ``max_examples`` and ``seed`` (a private ``random.Random``).
+    """
+    if max_examples < 0:
+        raise ValueError(f"max_examples must be >= 0, got {max_examples}")
+    if max_examples == 0 or max_examples >= len(records):
+        return list(records)
+    chosen = sorted(random.Random(seed).sample(range(len(records)), max_examples))
+    return [records[i] for i in chosen]
+
+
+def loss_batches(
+    records: Sequence[Record],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    batch_size: int,
+    max_length: int,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated (input_ids, attention_mask, labels) batches of the training tokenisation."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an EOS token; call ensure_pad_token")
+    examples: list[TokenizedExample] = tokenize_records(records, tokenizer, max_length)
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples[start:start + batch_size], int(pad_id))
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+    rouge: bool = True,
+    loss: bool = True,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``records``.
+
+    Returns ``num_examples`` plus ``rougeL`` (mean Rouge-L F of greedy outputs, in [0, 1]) when
+    ``rouge`` and ``eval_loss`` (token-weighted mean cross-entropy on the responses; ``nan`` if
+    every prompt fills ``max_length``) when ``loss``. The model's train/eval mode is restored.
+    """
+    results: dict[str, float] = {"num_examples": float(len(records))}
+    if loss:
+        batches = loss_batches(records, tokenizer, batch_size=batch_size, max_length=max_length)
+        results["eval_loss"] = eval_loss(model, batches)
+    if rouge:
+        ids = [prompt_ids(record, tokenizer) for record in records]
+        predictions = greedy_generate_ids(
+            model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size
+        )
+        results["rougeL"] = rouge_l(predictions, [record.output for record in records])
+    return results

@@ -1,0 +1,75 @@
+"""Evaluation metrics: Rouge-L of generated responses and token-weighted eval loss.
+
+Rouge-L is the F-measure of the longest common subsequence of words, computed with the
+``rouge_score`` package (the one FedKSeed and FedIT report), without stemming. The eval loss is
+the mean cross-entropy per label token over the whole eval set, so batches with more response
+tokens weigh more (a mean of per-batch means would not be comparable across batch sizes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from rouge_score import rouge_scorer
+from transformers import PreTrainedModel
+
+IGNORE_INDEX = -100
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean Rouge-L F-measure of ``predictions`` against ``references``, in [0, 1].
+
+    Raises ``ValueError`` when the lengths differ; an empty input scores 0.0.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(
+            f"{len(predictions)} predictions but {len(references)} references"
+        )
+    if not predictions:
+        return 0.0
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    total = 0.0
+    for prediction, reference in zip(predictions, references, strict=True):
+        total += scorer.score(reference, prediction)["rougeL"].fmeasure
+    return total / len(predictions)
+
+
+def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Sum of next-token cross-entropies over label tokens != -100, and their count."""
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return float(total), int((shift_labels != IGNORE_INDEX).sum())
+
+
+def eval_loss(model: PreTrainedModel, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
+    """Token-weighted mean cross-entropy over all label tokens (!= -100) of ``batches``.
+
+    Each batch holds ``input_ids``, ``attention_mask`` and ``labels`` (labels aligned with the
+    inputs; the shift for next-token prediction happens here, as in Hugging Face causal LMs).
+    Runs under ``torch.no_grad()`` in eval mode and restores the model's previous mode.
+    Returns ``nan`` when there is no label token at all.
+    """
+    was_training = model.training
+    total, count = 0.0, 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                input_ids = batch["input_ids"].to(model.device)
+                attention_mask = batch["attention_mask"].to(model.device)
+                labels = batch["labels"].to(model.device)
+                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                batch_sum, batch_count = _token_loss_sum(logits, labels)
+                total += batch_sum
+                count += batch_count
+    finally:
+        model.train(was_training)
+    return total / count if count else float("nan")

@@ -1,0 +1,1 @@
+"""Engines that run a federation: in-process simulation (Flower adapter to come)."""

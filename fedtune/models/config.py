@@ -1,0 +1,59 @@
+"""Config of the model concern: which causal LM is fine-tuned, in which dtype, on which device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedtune.configbase import check, check_choices, option
+
+DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    path: str = option(
+        "tiny",
+        "'tiny': build a tiny random Llama-style model plus a byte-level BPE tokenizer trained on "
+        "the run's own texts (no files or downloads needed). Otherwise a local model directory "
+        "or a hub id (hub ids need network access or a populated HF cache).",
+    )
+    dtype: str = option(
+        "float32",
+        "Parameter dtype. bfloat16 halves memory but is several times slower than float32 on "
+        "CPUs without AMX; float16 is meant for GPUs.",
+        DTYPES,
+    )
+    device: str = option(
+        "auto", "Device to run on: 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'.",
+        DEVICES,
+    )
+    tiny_vocab_size: int = option(512, "Tiny model: BPE vocabulary size (special tokens included).")
+    tiny_hidden_size: int = option(64, "Tiny model: hidden size.")
+    tiny_layers: int = option(2, "Tiny model: number of decoder layers.")
+    tiny_heads: int = option(4, "Tiny model: attention heads (must divide tiny_hidden_size).")
+    tiny_max_positions: int = option(512, "Tiny model: maximum sequence length.")
+    seed: int = option(0, "Seed of the tiny model's random initialisation.")
+    trust_remote_code: bool = option(
+        False, "Allow model code shipped with a hub model to run (only for models you trust)."
+    )
+
+    def validate(self, prefix: str = "model") -> None:
+        check_choices(self, prefix)
+        check(bool(self.path.strip()), f"{prefix}.path", self.path,
+              "must be 'tiny', a local model directory or a hub id")
+        for key in ("tiny_vocab_size", "tiny_hidden_size", "tiny_layers", "tiny_heads",
+                    "tiny_max_positions"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and value >= 1, f"{prefix}.{key}", value, "must be >= 1")
+        check(self.tiny_vocab_size >= 260, f"{prefix}.tiny_vocab_size", self.tiny_vocab_size,
+              "must be >= 260 (the 256 byte-level symbols and 4 special tokens)")
+        check(self.tiny_hidden_size % self.tiny_heads == 0, f"{prefix}.tiny_hidden_size",
+              self.tiny_hidden_size, f"must be divisible by tiny_heads = {self.tiny_heads}")
+        check((self.tiny_hidden_size // self.tiny_heads) % 2 == 0, f"{prefix}.tiny_hidden_size",
+              self.tiny_hidden_size,
+              "the head size tiny_hidden_size / tiny_heads must be even (rotary embeddings)")
+        check(self.device != "cuda" or torch.cuda.is_available(), f"{prefix}.device",
+              self.device, "CUDA was requested but torch.cuda.is_available() is False")

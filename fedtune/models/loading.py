@@ -1,0 +1,172 @@
+"""Loading a causal LM and its tokenizer from a local directory or a hub id.
+
+Everything goes through ``AutoTokenizer`` / ``AutoModelForCausalLM``, so the tiny model fedtune
+builds itself (:mod:`fedtune.models.tiny`) and downloaded checkpoints load the same way. Batched
+training and generation need a pad token, which many causal LMs lack; :func:`ensure_pad_token`
+supplies one and reports what it did so the caller can log it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+# "name" or "owner/name" made of letters, digits, '-', '_' and '.', as on the Hugging Face hub.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*)?$")
+
+log = logging.getLogger(__name__)
+
+PAD_PRESENT = "present"
+PAD_REUSED_EOS = "reused eos"
+PAD_ADDED = "added"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a config value: 'auto' is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """The torch dtype for a config value ('float32', 'float16' or 'bfloat16')."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {list(DTYPES)}") from None
+
+
+def is_plausible_hub_id(name: str) -> bool:
+    """Whether ``name`` could be a hub id ('gpt2', 'org/model') rather than a filesystem path."""
+    return bool(_HUB_ID.match(name)) and ".." not in name
+
+
+def _check_source(path_or_id: str | Path) -> str:
+    """Return the string to pass to ``from_pretrained``; a missing local path fails clearly.
+
+    An existing path is used as a local directory. Anything else must look like a hub id, so a
+    mistyped local path gives a :class:`FileNotFoundError` naming it instead of a hub error.
+    """
+    name = str(path_or_id)
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    if isinstance(path_or_id, Path) or not is_plausible_hub_id(name):
+        raise FileNotFoundError(f"model path {name!r} does not exist (and is not a hub id)")
+    return name
+
+
+def _from_pretrained(factory: Any, source: str, **kwargs: Any) -> Any:
+    """Call ``factory.from_pretrained``; a hub id that cannot be fetched names itself clearly."""
+    try:
+        return factory.from_pretrained(source, **kwargs)
+    except OSError as err:
+        if Path(source).exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0")
+        raise OSError(
+            f"{source!r} is not a local path and could not be loaded as a hub id "
+            f"(HF_HUB_OFFLINE={offline}; offline, only models already in the HF cache load): "
+            f"{err}"
+        ) from err
+
+
+def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False
+                   ) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a local model directory or a hub id with ``AutoTokenizer``."""
+    source = _check_source(path_or_id)
+    tokenizer: PreTrainedTokenizerBase = _from_pretrained(
+        AutoTokenizer, source, trust_remote_code=trust_remote_code
+    )
+    return tokenizer
+
+
+def load_model(
+    path_or_id: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "auto",
+    *,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM with ``AutoModelForCausalLM`` in ``dtype`` and move it to ``device``."""
+    source = _check_source(path_or_id)
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    model: PreTrainedModel = _from_pretrained(
+        AutoModelForCausalLM, source, dtype=resolve_dtype(dtype),
+        trust_remote_code=trust_remote_code,
+    )
+    model.to(target)  # type: ignore[arg-type]  # nn.Module.to moves in place
+    return model
+
+
+def _embedding_rows(model: PreTrainedModel) -> int:
+    """Number of rows of the model's input embedding matrix."""
+    weight = model.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"unexpected input embedding weight of type {type(weight).__name__}")
+    return int(weight.shape[0])
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> str:
+    """Make sure ``tokenizer`` has a pad token and ``model`` knows its id; say what was done.
+
+    Returns 'present' (the tokenizer already had one), 'reused eos' (EOS doubles as pad; padded
+    positions are masked by the attention mask and by -100 labels, so this is safe) or 'added'
+    (a new ``<pad>`` token; the model's embeddings are resized to cover it, new rows initialised
+    deterministically without touching the global RNG). Sets ``model.config.pad_token_id`` and
+    the generation config's ``pad_token_id`` in every case.
+    """
+    action = PAD_PRESENT
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+            action = PAD_REUSED_EOS
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+            action = PAD_ADDED
+            if len(tokenizer) > _embedding_rows(model):
+                with torch.random.fork_rng():
+                    torch.manual_seed(0)
+                    model.resize_token_embeddings(len(tokenizer))
+    pad_id = tokenizer.pad_token_id
+    model.config.pad_token_id = pad_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = pad_id
+    return action
+
+
+def load_model_and_tokenizer(
+    path_or_id: str | Path,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "auto",
+    *,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load model and tokenizer, make sure a pad token exists, and put the model in eval mode."""
+    tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
+    model = load_model(path_or_id, dtype, device, trust_remote_code=trust_remote_code)
+    action = ensure_pad_token(tokenizer, model)
+    if action != PAD_PRESENT:
+        log.info("pad token of %s: %s (id %s)", path_or_id, action, tokenizer.pad_token_id)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,215 @@
+"""A run, top to bottom: set up, evaluate the base, federate, evaluate, export, report.
+
+``run(cfg, run_dir)`` is the recipe behind ``fedtune run``: it writes the resolved config, the
+partition summary, ``metrics.jsonl`` (round 0 = the base model), a checkpoint after every round,
+the exported model, the plots and ``summary.json``. ``resume(run_dir)`` reloads the saved config and
+the last checkpoint and continues; because client sampling and every client's randomness are
+pure functions of (seed, round, client), the resumed run ends with the same model as a straight one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fedtune.algorithms import build_algorithm
+from fedtune.config import RunConfig, load_config, save_config
+from fedtune.data.pipeline import all_texts, build_federated_data
+from fedtune.data.prompts import tokenize_records
+from fedtune.eval.evaluate import evaluate, select_eval_records
+from fedtune.federation.checkpoint import load_checkpoint, save_checkpoint
+from fedtune.federation.simulation import InProcessEngine
+from fedtune.metrics import MetricsLog, peak_memory_mb
+from fedtune.models.loading import load_model_and_tokenizer, resolve_device
+from fedtune.models.tiny import build_tiny_model
+from fedtune.report import plot_run, rounds_table, summary_text
+
+log = logging.getLogger(__name__)
+CONFIG_NAME = "config.toml"
+
+
+def _add_file_log(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def base_model_path(cfg: RunConfig, run_dir: Path, texts: list[str]) -> str:
+    """The base model to load; ``tiny`` builds one (tokenizer trained on the run's texts)."""
+    m = cfg.model
+    if m.path != "tiny":
+        return m.path
+    out = run_dir / "base_model"
+    if not (out / "config.json").is_file():
+        log.info("building a tiny random Llama-style base model in %s", out)
+        build_tiny_model(texts, out, vocab_size=m.tiny_vocab_size, hidden_size=m.tiny_hidden_size,
+                         num_layers=m.tiny_layers, num_heads=m.tiny_heads,
+                         max_positions=m.tiny_max_positions, seed=m.seed)
+    return str(out)
+
+
+def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
+        stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the federation described by ``cfg`` in ``run_dir``; return the summary.
+
+    ``stop_after`` ends the run after that round as if it had been interrupted (for tests).
+    """
+    t0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _add_file_log(run_dir)
+    try:
+        return _run(cfg, run_dir, resume, progress, stop_after, t0)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None,
+         t0: float) -> dict[str, Any]:
+    if not resume:
+        save_config(cfg, run_dir / CONFIG_NAME)
+    torch.manual_seed(cfg.federation.seed)  # anything left on global RNG is seeded too
+
+    # -- data and model --------------------------------------------------------------------
+    data = build_federated_data(cfg.data)
+    (run_dir / "partition.json").write_text(json.dumps(data.summary.to_dict(), indent=1))
+    log.info("partition (%d clients, %d eval records):\n%s", len(data.clients), len(data.eval),
+             data.summary.format_table())
+    model, tokenizer = load_model_and_tokenizer(
+        base_model_path(cfg, run_dir, all_texts(data)), cfg.model.dtype, cfg.model.device)
+    device = resolve_device(cfg.model.device)
+    clients = []
+    for i, records in enumerate(data.clients):
+        examples = tokenize_records(records, tokenizer, cfg.data.max_length)
+        if not examples:
+            raise ValueError(f"client {i} has no trainable example after tokenisation "
+                             f"(max_length = {cfg.data.max_length} too small?)")
+        clients.append(examples)
+    ev = cfg.evaluation
+    eval_records = select_eval_records(data.eval, ev.max_examples, ev.seed)
+    algorithm = build_algorithm(cfg.algorithm, int(tokenizer.pad_token_id))
+    model = algorithm.prepare(model)
+
+    def measure(round_: int, final: bool) -> dict[str, float]:
+        def due(interval: int) -> bool:
+            return final or round_ == 0 or (interval > 0 and round_ % interval == 0)
+
+        want_loss, want_rouge = due(ev.loss_interval), due(ev.rouge_interval)
+        if not (want_loss or want_rouge) or not eval_records:
+            return {}
+        algorithm.load_global(model)
+        return evaluate(model, tokenizer, eval_records, max_new_tokens=ev.max_new_tokens,
+                        batch_size=ev.batch_size, max_length=cfg.data.max_length,
+                        rouge=want_rouge, loss=want_loss)
+
+    # -- resume or start -------------------------------------------------------------------
+    start_round, counters = 1, {"cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}
+    ckpt = load_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        done, state, meta = ckpt
+        algorithm.load_state_dict(state)
+        start_round = done + 1
+        counters = {k: meta[k] for k in counters}
+        log.info("resuming %s after round %d", run_dir, done)
+    prior_wall = float(counters["wall_s"])  # elapsed time of the runs before a resume
+    metrics = MetricsLog(run_dir / "metrics.jsonl",
+                         keep_through_round=start_round - 1 if resume else None)
+    if start_round == 1 and not any(r["round"] == 0 for r in metrics.rows):
+        row0: dict[str, Any] = {"round": 0, "train_loss": None, "eval_loss": None,
+                                "rougeL": None, "bytes_up_per_client": 0,
+                                "bytes_down_per_client": 0, "cum_bytes_up": 0,
+                                "cum_bytes_down": 0, "cum_bytes": 0}
+        if ev.evaluate_base:
+            row0.update(measure(0, final=False))
+        row0.update(wall_s=0.0, peak_memory_mb=peak_memory_mb(device))
+        metrics.append(row0)
+
+    # -- rounds ----------------------------------------------------------------------------
+    fed = cfg.federation
+    engine = InProcessEngine(algorithm, model, clients, fed)
+    per_round = fed.clients_in_round(len(clients))
+    bar = tqdm(total=fed.rounds * per_round, initial=(start_round - 1) * per_round,
+               desc="clients trained", unit="client", disable=not progress, dynamic_ncols=True)
+    last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
+    for r in range(start_round, last + 1):
+        bar.set_description(f"round {r}/{fed.rounds}")
+        res = engine.run_round(r, on_client=lambda _cid: bar.update(1))
+        scores = measure(r, final=r == fed.rounds)
+        counters["cum_bytes_up"] += sum(res.bytes_up)
+        counters["cum_bytes_down"] += sum(res.bytes_down)
+        counters["wall_s"] = prior_wall + time.perf_counter() - t0
+        row = {
+            "round": r, "clients": res.clients, "train_loss": res.train_loss,
+            "eval_loss": scores.get("eval_loss"), "rougeL": scores.get("rougeL"),
+            "bytes_up_per_client": sum(res.bytes_up) / max(1, len(res.bytes_up)),
+            "bytes_down_per_client": sum(res.bytes_down) / max(1, len(res.bytes_down)),
+            "bytes_up": sum(res.bytes_up), "bytes_down": sum(res.bytes_down),
+            "cum_bytes_up": counters["cum_bytes_up"], "cum_bytes_down": counters["cum_bytes_down"],
+            "cum_bytes": counters["cum_bytes_up"] + counters["cum_bytes_down"],
+            "accepted": len(res.losses), "rejected": res.rejected, "failed": res.failed,
+            "wall_s": res.wall_s, "peak_memory_mb": peak_memory_mb(device),
+        }
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}" if row["train_loss"] else "-")
+        metrics.append(row)
+        if cfg.output.checkpoint:
+            save_checkpoint(run_dir, r, algorithm.state_dict(), counters)
+    bar.close()
+    if last < fed.rounds:
+        log.info("stopped after round %d of %d (resume with --resume %s)", last, fed.rounds,
+                 run_dir)
+        return {"stopped_after": last, "run_dir": str(run_dir)}
+
+    # -- result ----------------------------------------------------------------------------
+    counters["wall_s"] = prior_wall + time.perf_counter() - t0
+    model_dir = algorithm.export(model, tokenizer, run_dir) if cfg.output.save_model else None
+    plots = [str(p) for p in plot_run(metrics.rows, run_dir)] if cfg.output.plots else []
+    summary = build_summary(cfg, metrics.rows, len(clients), per_round, counters, run_dir,
+                            model_dir, plots, device)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if progress:
+        print(rounds_table(metrics.rows))
+        print(summary_text(summary))
+    return summary
+
+
+def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, per_round: int,
+                  counters: dict[str, Any], run_dir: Path, model_dir: Path | None,
+                  plots: list[str], device: torch.device) -> dict[str, Any]:
+    base = rows[0] if rows and rows[0]["round"] == 0 else {}
+    final = rows[-1]
+    trained = [r for r in rows if r["round"] > 0]
+    return {
+        "algorithm": cfg.algorithm.name,
+        "rounds": cfg.federation.rounds,
+        "num_clients": num_clients,
+        "clients_per_round": per_round,
+        "base": {"rougeL": base.get("rougeL"), "eval_loss": base.get("eval_loss")},
+        "final": {"rougeL": final.get("rougeL"), "eval_loss": final.get("eval_loss")},
+        "bytes": {
+            "up_per_client_round": sum(r["bytes_up_per_client"] for r in trained)
+            / max(1, len(trained)),
+            "down_per_client_round": sum(r["bytes_down_per_client"] for r in trained)
+            / max(1, len(trained)),
+            "total": counters["cum_bytes_up"] + counters["cum_bytes_down"],
+        },
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+        "wall_s": counters["wall_s"],
+        "run_dir": str(run_dir),
+        "model_dir": str(model_dir) if model_dir else None,
+        "plots": plots,
+    }
+
+
+def resume(run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last completed round."""
+    cfg_path = run_dir / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {CONFIG_NAME}: not a fedtune run directory")
+    return run(load_config(cfg_path), run_dir, resume=True, progress=progress)
