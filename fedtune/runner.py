@@ -82,6 +82,7 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
     (run_dir / "partition.json").write_text(json.dumps(data.summary.to_dict(), indent=1))
     log.info("partition (%d clients, %d eval records):\n%s", len(data.clients), len(data.eval),
              data.summary.format_table())
+    model: torch.nn.Module
     model, tokenizer = load_model_and_tokenizer(
         base_model_path(cfg, run_dir, all_texts(data)), cfg.model.dtype, cfg.model.device)
     device = resolve_device(cfg.model.device)
@@ -105,7 +106,8 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
         if not (want_loss or want_rouge) or not eval_records:
             return {}
         algorithm.load_global(model)
-        return evaluate(model, tokenizer, eval_records, max_new_tokens=ev.max_new_tokens,
+        # a peft model (FedIT) generates and scores like the PreTrainedModel it wraps
+        return evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type] max_new_tokens=ev.max_new_tokens,
                         batch_size=ev.batch_size, max_length=cfg.data.max_length,
                         rouge=want_rouge, loss=want_loss)
 

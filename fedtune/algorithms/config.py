@@ -40,10 +40,12 @@ class AlgorithmConfig:
         "LoRA adapters, Zhang et al. 2024).",
         ALGORITHMS,
     )
-    local_steps: int = option(10, "Optimizer steps each sampled client takes per round.")
+    local_steps: int = option(20, "Optimizer steps each sampled client takes per round.")
     batch_size: int = option(4, "Examples per local step.")
-    lr: float = option(1e-3, "Local learning rate.")
-    optimizer: str = option("adamw", "Local optimizer, fresh on every client each round.", OPTIMIZERS)
+    lr: float = option(3e-3, "Local learning rate (the default suits the tiny default model).")
+    optimizer: str = option(
+        "adamw", "Local optimizer, fresh on every client each round.", OPTIMIZERS
+    )
     weight_decay: float = option(0.0, "Decoupled weight decay of the local optimizer.")
     max_grad_norm: float = option(1.0, "Clip the local gradient to this L2 norm; 0 disables.")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter settings (used by 'fedit').")

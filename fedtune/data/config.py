@@ -31,7 +31,7 @@ class DataConfig:
     )
     hub_split: str = option("train", "For 'hub': the split to load.")
     generated_per_family: int = option(
-        40, "For 'generated': examples generated per task family."
+        100, "For 'generated': examples generated per task family."
     )
     heldout_category: str = option(
         "",

@@ -203,22 +203,25 @@ class PartitionSummary:
         }
 
     def format_table(self, max_rows: int = 20, max_cols: int = 12) -> str:
-        """A text table: client, size, count per category, and a total row. Beyond ``max_rows``
-        clients the middle rows are elided; beyond ``max_cols`` categories the largest are shown
-        and the rest summed into 'other'."""
-        cols = list(range(len(self.categories)))
-        other = False
-        if len(cols) > max_cols:
-            totals = [sum(row[j] for row in self.counts) for j in cols]
-            cols = sorted(sorted(cols, key=lambda j: -totals[j])[: max_cols - 1])
-            other = True
-        header = ["client", "size"] + [self.categories[j] or "(none)" for j in cols]
-        header += ["other"] if other else []
+        """A text table: client, size, count per category, and a total row.
+
+        Beyond ``max_rows`` clients the middle rows are elided. Beyond ``max_cols`` categories
+        (e.g. one Natural Instructions task per client) a per-category column would be unreadable,
+        so each row gives the number of categories the client holds and its largest one instead.
+        """
+        wide = len(self.categories) > max_cols
+        if wide:
+            header = ["client", "size", "categories", "largest category"]
+        else:
+            header = ["client", "size"] + [c or "(none)" for c in self.categories]
 
         def cells(label: str, size: int, row: list[int]) -> list[str]:
-            shown = [row[j] for j in cols]
-            extra = [sum(row) - sum(shown)] if other else []
-            return [label, str(size)] + [str(v) for v in shown + extra]
+            if not wide:
+                return [label, str(size)] + [str(v) for v in row]
+            held = sum(1 for v in row if v)
+            top = max(range(len(row)), key=lambda j: row[j]) if held else -1
+            largest = f"{self.categories[top] or '(none)'}: {row[top]}" if held else "-"
+            return [label, str(size), str(held), largest]
 
         rows = enumerate(zip(self.sizes, self.counts, strict=True))
         body = [cells(str(i), size, row) for i, (size, row) in rows]
@@ -233,7 +236,9 @@ class PartitionSummary:
         widths = [max(len(r[k]) for r in [header, total] + body) for k in range(len(header))]
 
         def line(r: list[str]) -> str:
-            return "  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            padded = [c.ljust(w) if wide and k == 3 else c.rjust(w)
+                      for k, (c, w) in enumerate(zip(r, widths, strict=True))]
+            return "  ".join(padded).rstrip()
 
         out = [line(header)] + [line(r) for r in body] + [line(total)]
         if elided:

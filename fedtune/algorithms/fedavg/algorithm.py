@@ -116,9 +116,9 @@ class FedAvg:
         model_dir = out_dir / "model"
         if self.lora:
             adapter_dir = out_dir / "adapter"
-            model.save_pretrained(adapter_dir)
+            model.save_pretrained(adapter_dir)  # type: ignore[operator]
             tokenizer.save_pretrained(adapter_dir)
             model = model.merge_and_unload()  # type: ignore[operator]
-        model.save_pretrained(model_dir)
+        model.save_pretrained(model_dir)  # type: ignore[operator]
         tokenizer.save_pretrained(model_dir)
         return model_dir

@@ -53,7 +53,7 @@ class Reply:
     tensors: dict[str, torch.Tensor]
 
     def encode(self) -> bytes:
-        meta = {"kind": "fedavg.reply", "round": self.round, "num_samples": self.num_samples,
+        meta: dict[str, str | int | float] = {"kind": "fedavg.reply", "round": self.round, "num_samples": self.num_samples,
                 "train_loss": self.train_loss}
         return encode_tensors(meta, self.tensors)
 

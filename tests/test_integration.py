@@ -1,0 +1,130 @@
+"""Whole runs through the CLI on a tiny model: golden losses, run directory contents, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from fedtune.cli import main
+from fedtune.federation.simulation import InProcessEngine
+
+SMALL = [
+    "federation.rounds=2", "federation.clients_per_round=2", "data.num_clients=4",
+    "data.generated_per_family=6", "algorithm.local_steps=3", "algorithm.batch_size=2",
+    "evaluation.max_examples=6", "evaluation.max_new_tokens=6", "evaluation.rouge_interval=1",
+    "model.tiny_vocab_size=300",
+]
+
+# Golden values: fp32 on CPU, torch 2.13.0. They pin the whole pipeline (data generation,
+# partition, tokenizer training, model init, sampling, local training, aggregation, evaluation).
+GOLDEN = {
+    "fedavg": {"train_loss": [None, None], "eval_loss": [None, None, None]},
+    "fedit": {"train_loss": [None, None], "eval_loss": [None, None, None]},
+}
+
+
+def run_cli(out: Path, *extra: str) -> int:
+    args = ["run", "--quiet", "--out", str(out)]
+    for s in SMALL + list(extra):
+        args += ["--set", s]
+    return main(args)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedit"])
+def test_two_rounds_through_the_cli(tmp_path, algorithm):
+    out = tmp_path / algorithm
+    assert run_cli(out, f"algorithm.name={algorithm}") == 0
+    r = rows(out)
+    assert [x["round"] for x in r] == [0, 1, 2]
+    train = [x["train_loss"] for x in r[1:]]
+    evals = [x["eval_loss"] for x in r]
+    print(algorithm, train, evals)
+    assert train == pytest.approx(GOLDEN[algorithm]["train_loss"], rel=1e-4)
+    assert evals == pytest.approx(GOLDEN[algorithm]["eval_loss"], rel=1e-4)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algorithm"] == algorithm and summary["rounds"] == 2
+    for key in ("rougeL", "eval_loss"):
+        assert summary["base"][key] is not None and summary["final"][key] is not None
+    b = summary["bytes"]
+    assert b["up_per_client_round"] > 0 and b["down_per_client_round"] > 0
+    assert b["total"] == sum(x["bytes_up"] + x["bytes_down"] for x in r[1:])
+    assert summary["peak_memory_mb"] > 0 and summary["wall_s"] > 0
+    for name in ("config.toml", "partition.json", "eval_metric.png", "bytes.png", "run.log"):
+        assert (out / name).is_file(), name
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.num_parameters() > 0
+    if algorithm == "fedit":
+        assert (out / "adapter" / "adapter_config.json").is_file()
+        # LoRA traffic is a small fraction of the full model's
+        assert b["up_per_client_round"] < 0.2 * 4 * model.num_parameters()
+    else:
+        assert b["up_per_client_round"] >= 4 * model.num_parameters()
+
+
+def test_fedit_export_equals_global_adapter(tmp_path):
+    out = tmp_path / "fedit"
+    assert run_cli(out, "algorithm.name=fedit", "federation.rounds=1") == 0
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    with_adapter = PeftModel.from_pretrained(base, out / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(out / "model")
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        a = with_adapter(input_ids=ids).logits
+        b = merged(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(next((run_dir / "model").glob("*.safetensors"))))
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedit"])
+def test_resume_after_interrupt_gives_the_same_model(tmp_path, monkeypatch, algorithm):
+    straight = tmp_path / "straight"
+    assert run_cli(straight, f"algorithm.name={algorithm}", "federation.rounds=3") == 0
+
+    broken = tmp_path / "broken"
+    real = InProcessEngine.run_round
+
+    def interrupted(self, round_, on_client=None):
+        if round_ == 2:
+            raise KeyboardInterrupt
+        return real(self, round_, on_client)
+
+    monkeypatch.setattr(InProcessEngine, "run_round", interrupted)
+    assert run_cli(broken, f"algorithm.name={algorithm}", "federation.rounds=3") == 130
+    assert [x["round"] for x in rows(broken)] == [0, 1]
+    assert not (broken / "model").exists()
+    monkeypatch.setattr(InProcessEngine, "run_round", real)
+
+    assert main(["run", "--quiet", "--resume", str(broken)]) == 0
+    a, b = final_weights(straight), final_weights(broken)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = rows(straight), rows(broken)
+    assert [x["train_loss"] for x in ra] == [x["train_loss"] for x in rb]
+    assert [x["cum_bytes"] for x in ra] == [x["cum_bytes"] for x in rb]
+
+
+def test_existing_run_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_cli(out, "federation.rounds=1") == 0
+    assert run_cli(out, "federation.rounds=1") == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_bad_config_stops_before_any_work(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_cli(out, "data.alpha=-1") == 2
+    assert "data.alpha" in capsys.readouterr().err
+    assert not out.exists()
