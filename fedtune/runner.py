@@ -107,7 +107,8 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
             return {}
         algorithm.load_global(model)
         # a peft model (FedIT) generates and scores like the PreTrainedModel it wraps
-        return evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type] max_new_tokens=ev.max_new_tokens,
+        return evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type]
+                        max_new_tokens=ev.max_new_tokens,
                         batch_size=ev.batch_size, max_length=cfg.data.max_length,
                         rouge=want_rouge, loss=want_loss)
 

@@ -53,8 +53,9 @@ class Reply:
     tensors: dict[str, torch.Tensor]
 
     def encode(self) -> bytes:
-        meta: dict[str, str | int | float] = {"kind": "fedavg.reply", "round": self.round, "num_samples": self.num_samples,
-                "train_loss": self.train_loss}
+        meta: dict[str, str | int | float] = {
+            "kind": "fedavg.reply", "round": self.round, "num_samples": self.num_samples,
+            "train_loss": self.train_loss}
         return encode_tensors(meta, self.tensors)
 
     @classmethod
