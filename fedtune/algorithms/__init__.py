@@ -12,4 +12,8 @@ def build_algorithm(cfg: AlgorithmConfig, pad_id: int) -> Algorithm:
         from fedtune.algorithms.fedavg import FedAvg
 
         return FedAvg(cfg, pad_id, lora=cfg.name == "fedit")
+    if cfg.name in ("fedkseed", "fedkseed-pro"):
+        from fedtune.algorithms.fedkseed.algorithm import FedKSeed
+
+        return FedKSeed(cfg, pad_id, pro=cfg.name == "fedkseed-pro")
     raise ValueError(f"unknown algorithm {cfg.name!r}")

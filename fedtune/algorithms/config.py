@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.configbase import check, check_choices, option, section
 
-ALGORITHMS = ("fedavg", "fedit")
+ALGORITHMS = ("fedavg", "fedit", "fedkseed", "fedkseed-pro")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -37,7 +38,10 @@ class AlgorithmConfig:
     name: str = option(
         "fedavg",
         "Method: 'fedavg' (full-parameter FedAvg, backprop on devices) or 'fedit' (FedAvg over "
-        "LoRA adapters, Zhang et al. 2024).",
+        "LoRA adapters, Zhang et al. 2024), 'fedkseed' (zeroth-order full-parameter tuning over a "
+        "pool of K seeds, Qin et al. 2024) or 'fedkseed-pro' (the same with importance-weighted "
+        "seed sampling). The fedkseed methods read [algorithm.fedkseed] and ignore the backprop "
+        "settings below.",
         ALGORITHMS,
     )
     local_steps: int = option(20, "Optimizer steps each sampled client takes per round.")
@@ -49,6 +53,8 @@ class AlgorithmConfig:
     weight_decay: float = option(0.0, "Decoupled weight decay of the local optimizer.")
     max_grad_norm: float = option(1.0, "Clip the local gradient to this L2 norm; 0 disables.")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter settings (used by 'fedit').")
+    fedkseed: FedKSeedConfig = section(
+        FedKSeedConfig, "FedKSeed / FedKSeed-Pro settings (used by 'fedkseed', 'fedkseed-pro').")
 
     def validate(self, prefix: str = "algorithm") -> None:
         check_choices(self, prefix)
@@ -59,3 +65,4 @@ class AlgorithmConfig:
         check(self.max_grad_norm >= 0, f"{prefix}.max_grad_norm", self.max_grad_norm,
               "must be >= 0")
         self.lora.validate(f"{prefix}.lora")
+        self.fedkseed.validate(f"{prefix}.fedkseed")

@@ -1,0 +1,155 @@
+"""FedKSeed and FedKSeed-Pro (Qin et al., ICML 2024, arXiv 2312.06353), engine-facing glue.
+
+Federated full-parameter tuning by two-point zeroth-order SGD where every perturbation comes from
+a pool of K seeds: clients send only (seed index, Σ g) pairs, the server keeps per-seed
+accumulators A, and the global model is w = w0 − lr · Σ_j A_j z(s_j). FedKSeed-Pro samples seeds
+with probabilities from their importance (:mod:`.pro`).
+
+How the one shared model is handled. A real device holds w0 (the base model) and rebuilds the
+round's model from the K accumulators it downloads; so does every simulated client here: on
+``client_round`` the trainable parameters are reset to w0 and one fused replay of all seeds is
+applied (:func:`.replay.rebuild_`), from the float32 A decoded from the download bytes. The
+server's ``load_global`` runs the same function on its own A, so the model a client trains from
+equals the global model bit for bit. Memory trade-off: one float32 copy of the trainable
+parameters (w0) is kept, shared by the simulated devices and the server (a real server needs
+none: it only ever stores K numbers, plus w0 on disk to export). Rebuilding costs at most K
+generations of z per client per round; an incremental rebuild from a device's cached model is
+possible (the paper's ΔA) but is not what this engine's stateless clients do.
+
+Master weights: the trainable parameters are kept in float32 (a model loaded in fp16/bf16 is
+upcast in ``prepare``): ZO updates of ~lr · g are far below half-precision resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.algorithms.base import ReplyInfo
+from fedtune.algorithms.config import AlgorithmConfig
+from fedtune.algorithms.fedkseed.client import local_zo_train
+from fedtune.algorithms.fedkseed.replay import rebuild_, seed_pool
+from fedtune.algorithms.fedkseed.server import FedKSeedServer
+from fedtune.algorithms.fedkseed.wire import Download, Reply
+from fedtune.data.prompts import TokenizedExample
+from fedtune.wire import MessageError
+from fedtune.zo.perturb import GENERATOR_VERSION
+
+log = logging.getLogger(__name__)
+SEED_LOG = "fedkseed_seeds.json"
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters in index order (``named_parameters``, tied weights once)."""
+    return [p for _, p in model.named_parameters() if p.requires_grad]
+
+
+class FedKSeed:
+    """The engine-facing algorithm (see :class:`fedtune.algorithms.base.Algorithm`)."""
+
+    def __init__(self, cfg: AlgorithmConfig, pad_id: int, pro: bool) -> None:
+        self.cfg = cfg.fedkseed
+        self.pad_id = pad_id
+        self.pro = pro
+        self.name = "fedkseed-pro" if pro else "fedkseed"
+        self.pool = seed_pool(self.cfg.seed, self.cfg.k_seeds)
+        self.server = FedKSeedServer(self.cfg, pro)
+        self.w0: list[torch.Tensor] | None = None
+        self.param_names: list[str] = []
+
+    # -- set-up -----------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        if any(p.dtype != torch.float32 for p in model.parameters()):
+            log.warning("%s: upcasting the model to float32 (ZO master weights must be fp32)",
+                        self.name)
+            model = model.to(torch.float32)
+        for p in model.parameters():
+            p.requires_grad_(True)  # full-parameter; no autograd graph is ever built
+        model.eval()
+        self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.w0 = [p.detach().clone() for p in trainable(model)]
+        return model
+
+    def _w0(self) -> list[torch.Tensor]:
+        if self.w0 is None:
+            raise RuntimeError("prepare() must run first")
+        return self.w0
+
+    # -- server side --------------------------------------------------------------------------
+    def download(self, round_: int, client_id: int) -> bytes:
+        return self.server.download(round_)
+
+    def begin_round(self, round_: int) -> None:
+        self.server.begin_round(round_)
+
+    def accept(self, payload: bytes) -> ReplyInfo:
+        return self.server.accept(payload)
+
+    def end_round(self) -> None:
+        self.server.end_round()
+
+    def load_global(self, model: torch.nn.Module) -> None:
+        rebuild_(trainable(model), self._w0(), self.pool, self.server.accumulators, self.cfg.lr)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = self.server.state_dict()
+        state["seed_pool"] = torch.tensor(self.pool, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pool = state.get("seed_pool")
+        if pool is None or pool.tolist() != self.pool:
+            raise ValueError("checkpoint seed pool differs from this config's "
+                             "(algorithm.fedkseed.seed / k_seeds changed?)")
+        self.server.load_state_dict({k: v for k, v in state.items() if k != "seed_pool"})
+
+    # -- device side --------------------------------------------------------------------------
+    def client_round(self, model: torch.nn.Module, payload: bytes,
+                     examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
+        c = self.cfg
+        down = Download.decode(payload, c.k_seeds, self.pro, expect_round=round_)
+        params = trainable(model)
+        # the device's model of this round: w0 and the K accumulators, nothing else
+        rebuild_(params, self._w0(), self.pool, down.accumulators, c.lr)
+        probs = down.probs.double().numpy() if down.probs is not None else None
+        stats, loss, _ = local_zo_train(
+            model, params, self.pool, examples, tau=c.tau, batch_size=c.batch_size,
+            eps=c.zo_eps, lr=c.lr, clip=c.clip, pad_id=self.pad_id, seed=seed, probs=probs)
+        if not stats.count:
+            raise RuntimeError("every ZO step had a non-finite loss")
+        idx = sorted(stats.count)
+        reply = Reply(round_, len(examples), loss,
+                      torch.tensor(idx, dtype=torch.int32),
+                      torch.tensor([stats.sum_g[j] for j in idx], dtype=torch.float32))
+        if self.pro:
+            reply.sum_abs_clip = torch.tensor([stats.sum_abs_clip[j] for j in idx],
+                                              dtype=torch.float32)
+            reply.count = torch.tensor([stats.count[j] for j in idx], dtype=torch.int32)
+        if not torch.isfinite(reply.sum_g).all():
+            raise MessageError("a seed's sum of g overflows float32")
+        return reply.encode()
+
+    # -- result -------------------------------------------------------------------------------
+    def seed_log(self) -> dict[str, Any]:
+        """Everything needed to rebuild the global model from w0 (float32 A as exact floats)."""
+        return {"algorithm": self.name, "generator_version": GENERATOR_VERSION,
+                "k_seeds": self.cfg.k_seeds, "lr": self.cfg.lr, "zo_eps": self.cfg.zo_eps,
+                "run_seed": self.cfg.seed, "seed_pool": self.pool,
+                "accumulators": [float(a) for a in self.server.accumulators.tolist()],
+                "param_names": self.param_names,
+                "formula": "w = w0 - lr * sum_j accumulators[j] * z(seed_pool[j]), "
+                           "z from fedtune.zo.perturb"}
+
+    def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+        """Save the global model (save_pretrained) and the seed log next to it."""
+        self.load_global(model)
+        model_dir = out_dir / "model"
+        model.save_pretrained(model_dir)  # type: ignore[operator]
+        tokenizer.save_pretrained(model_dir)
+        (out_dir / SEED_LOG).write_text(json.dumps(self.seed_log()))
+        return model_dir

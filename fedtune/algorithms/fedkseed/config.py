@@ -1,0 +1,43 @@
+"""Config of FedKSeed and FedKSeed-Pro: the ``[algorithm.fedkseed]`` sub-table.
+
+Names follow the paper (Qin et al., ICML 2024, arXiv 2312.06353): K seeds (``k_seeds``), the
+perturbation scale ε (``zo_eps``), τ local steps per round (``tau``). The defaults suit the tiny
+CPU model; the paper's values are in each help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedtune.configbase import check, option
+
+MAX_K_SEEDS = 1 << 20
+
+
+@dataclass
+class FedKSeedConfig:
+    k_seeds: int = option(64, "K, the size of the seed pool every perturbation is drawn from "
+                              "(paper: 4096; 1024 in the reference's README runs).")
+    zo_eps: float = option(5e-4, "ε, the scale of the two-point perturbation θ ± εz (paper 5e-4).")
+    lr: float = option(1e-5, "Zeroth-order SGD learning rate; the global model is "
+                             "w0 - lr * sum_j A_j z(s_j) (paper: 3e-7 on 1.3B-3B models).")
+    tau: int = option(20, "τ, zeroth-order steps each sampled client takes per round (paper 200).")
+    batch_size: int = option(1, "Examples per zeroth-order step (paper 1).")
+    clip: float = option(1000.0, "FedKSeed-Pro: c in the seed importance mean(|clip(g, -c, c)|) "
+                                 "(paper 1000). Only the importance is clipped, never the update.")
+    temperature: float = option(
+        1.0, "FedKSeed-Pro: p = softmax(psi_normalised / temperature). 1.0 is the paper's "
+             "behaviour (the likeliest seed at most e times likelier than the least).")
+    seed: int = option(0, "Run seed the K pool seeds derive from (shared by server and clients, "
+                          "never sent).")
+
+    def validate(self, prefix: str) -> None:
+        check(1 <= self.k_seeds <= MAX_K_SEEDS, f"{prefix}.k_seeds", self.k_seeds,
+              f"must be in [1, {MAX_K_SEEDS}]")
+        check(self.zo_eps > 0, f"{prefix}.zo_eps", self.zo_eps, "must be > 0")
+        check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        check(self.tau >= 1, f"{prefix}.tau", self.tau, "must be >= 1")
+        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        check(self.clip > 0, f"{prefix}.clip", self.clip, "must be > 0")
+        check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
+        check(self.seed >= 0, f"{prefix}.seed", self.seed, "must be >= 0")

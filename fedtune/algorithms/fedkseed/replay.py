@@ -1,0 +1,43 @@
+"""The seed pool and the model it defines: w = w0 − lr · Σ_j A_j z(s_j).
+
+Both sides derive the K pool seeds from the run seed, so they never travel. Server and client
+rebuild the model with the same function, :func:`rebuild_`, from the same float32 accumulators
+(those the download carries), so a client's model equals the server's global model bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from fedtune.zo.perturb import replay_
+
+
+def seed_pool(run_seed: int, k_seeds: int) -> list[int]:
+    """K distinct 63-bit seeds, a pure function of (run_seed, K)."""
+    state = np.random.SeedSequence([run_seed, k_seeds]).generate_state(k_seeds, np.uint64)
+    seeds = [int(s) >> 1 for s in state]
+    if len(set(seeds)) != k_seeds:  # 63-bit collisions: astronomically unlikely, never silent
+        raise ValueError(f"seed pool of run seed {run_seed} has a duplicate; pick another seed")
+    return seeds
+
+
+def replay_coefficients(pool: Sequence[int], accumulators: torch.Tensor, lr: float
+                        ) -> dict[int, float]:
+    """{s_j: −lr · A_j} for the seeds with A_j ≠ 0 (A as float32, the values on the wire)."""
+    a = accumulators.to(torch.float32).tolist()
+    return {pool[j]: -lr * float(a_j) for j, a_j in enumerate(a) if a_j != 0.0}
+
+
+@torch.no_grad()
+def rebuild_(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], pool: Sequence[int],
+             accumulators: torch.Tensor, lr: float) -> None:
+    """Set ``params`` to w0 − lr · Σ_j A_j z(s_j): copy w0, then one fused replay of every seed.
+
+    Costs at most K generations of z whatever the number of rounds.
+    """
+    for p, p0 in zip(params, w0, strict=True):
+        p.copy_(p0)
+    replay_(params, replay_coefficients(pool, accumulators, lr))

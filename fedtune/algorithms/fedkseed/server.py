@@ -1,0 +1,110 @@
+"""The server side of FedKSeed / FedKSeed-Pro: per-seed accumulators and seed statistics.
+
+Global state: A (K,) float32, the cumulative per-seed accumulators (never reset); the global
+model is w0 − lr · Σ_j A_j z(s_j). Each round, over the replies that passed validation,
+
+    A_j ← A_j + Σ_i w_i G_ij,   w_i = n_i / Σ_k n_k
+
+with G_ij client i's sum of g for seed j (0 when untouched): a sample-weighted *mean*, not a sum.
+The increment is accumulated in float64 and A is rounded to float32 once per round, because the
+float32 A is what travels and what defines the model. FedKSeed-Pro also folds every reply's
+(Σ g, Σ|clip g|, count) into per-seed statistics (:mod:`.pro`) and recomputes the seed
+probabilities once per round, in ``begin_round``. A round with no valid reply changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from fedtune.algorithms.base import ReplyInfo
+from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+from fedtune.algorithms.fedkseed.pro import initial_stats, seed_probabilities
+from fedtune.algorithms.fedkseed.wire import Download, Reply
+
+log = logging.getLogger(__name__)
+
+
+class FedKSeedServer:
+    def __init__(self, cfg: FedKSeedConfig, pro: bool) -> None:
+        self.cfg = cfg
+        self.pro = pro
+        k = cfg.k_seeds
+        self.accumulators = torch.zeros(k, dtype=torch.float32)
+        self.sum_g, self.sum_abs_clip, self.count = initial_stats(k)
+        self.round = 0
+        self._inc: np.ndarray | None = None
+        self._round_stats: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._total = 0.0
+        self._replies = 0
+        self._download: bytes | None = None
+
+    def probabilities(self) -> np.ndarray:
+        """This round's seed probabilities (uniform for plain FedKSeed)."""
+        if not self.pro:
+            return np.full(self.cfg.k_seeds, 1.0 / self.cfg.k_seeds)
+        return seed_probabilities(self.sum_abs_clip, self.count, self.cfg.temperature)
+
+    def begin_round(self, round_: int) -> None:
+        k = self.cfg.k_seeds
+        self.round = round_
+        self._inc = np.zeros(k)
+        self._round_stats = (np.zeros(k), np.zeros(k), np.zeros(k))
+        self._total, self._replies = 0.0, 0
+        probs = torch.from_numpy(self.probabilities()).to(torch.float32) if self.pro else None
+        # the same bytes go to every client of the round: encode once
+        self._download = Download(round_, self.accumulators.clone(), probs).encode()
+
+    def download(self, round_: int) -> bytes:
+        if self._download is None or round_ != self.round:
+            raise RuntimeError(f"download({round_}) outside round {self.round}")
+        return self._download
+
+    def accept(self, payload: bytes) -> ReplyInfo:
+        """Validate (raises MessageError) before anything touches the aggregate."""
+        if self._inc is None or self._round_stats is None:
+            raise RuntimeError("accept() called outside a round")
+        c = self.cfg
+        reply = Reply.decode(payload, c.k_seeds, self.pro, c.clip, expect_round=self.round)
+        idx = reply.index.long().numpy()
+        self._inc[idx] += reply.num_samples * reply.sum_g.double().numpy()
+        sg, sa, cnt = self._round_stats
+        sg[idx] += reply.sum_g.double().numpy()
+        if reply.sum_abs_clip is not None and reply.count is not None:
+            sa[idx] += reply.sum_abs_clip.double().numpy()
+            cnt[idx] += reply.count.double().numpy()
+        self._total += reply.num_samples
+        self._replies += 1
+        return ReplyInfo(reply.num_samples, reply.train_loss)
+
+    def end_round(self) -> None:
+        if self._inc is None or self._round_stats is None:
+            raise RuntimeError("end_round() called outside a round")
+        if self._replies == 0:
+            log.warning("round %d: no valid reply, the global model stays as it was", self.round)
+        else:
+            a = self.accumulators.double().numpy() + self._inc / self._total
+            self.accumulators = torch.from_numpy(a).to(torch.float32)
+            sg, sa, cnt = self._round_stats
+            self.sum_g, self.sum_abs_clip, self.count = (
+                self.sum_g + sg, self.sum_abs_clip + sa, self.count + cnt)
+        self._inc, self._round_stats, self._download = None, None, None
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"accumulators": self.accumulators.clone(),
+                "pro_sum_g": torch.from_numpy(self.sum_g.copy()),
+                "pro_sum_abs_clip": torch.from_numpy(self.sum_abs_clip.copy()),
+                "pro_count": torch.from_numpy(self.count.copy())}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        k = self.cfg.k_seeds
+        for name in ("accumulators", "pro_sum_g", "pro_sum_abs_clip", "pro_count"):
+            if name not in state or tuple(state[name].shape) != (k,):
+                raise ValueError(f"checkpoint tensor {name!r} is missing or not of shape ({k},)")
+        self.accumulators = state["accumulators"].to(torch.float32).clone()
+        self.sum_g = state["pro_sum_g"].double().numpy().copy()
+        self.sum_abs_clip = state["pro_sum_abs_clip"].double().numpy().copy()
+        self.count = state["pro_count"].double().numpy().copy()
