@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("config", help="list every config key with its default and help")
     c.add_argument("--toml", action="store_true", help="print the defaults as a TOML file")
+    c.add_argument("--markdown", action="store_true",
+                   help="print the fields as a Markdown table (the README's)")
     return p
 
 
@@ -131,9 +133,23 @@ def cmd_config(args: argparse.Namespace) -> int:
 
         print(tomli_w.dumps(RunConfig().to_dict()))
         return 0
+    if args.markdown:
+        print(fields_markdown())
+        return 0
     for key, tp, default, help_text in describe_fields():
         print(f"{key} ({tp}, default {default!r})\n    {help_text}")
     return 0
+
+
+def fields_markdown() -> str:
+    """Every config field as a Markdown table (``fedtune config --markdown``)."""
+    from fedtune.config import describe_fields
+
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, tp, default, help_text in describe_fields():
+        d = repr(default).replace("|", "\\|")
+        rows.append(f"| `{key}` | {tp} | `{d}` | {help_text.replace('|', '/')} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,3 +129,40 @@ def test_bad_config_stops_before_any_work(tmp_path, capsys):
     assert run_cli(out, "data.alpha=-1") == 2
     assert "data.alpha" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_and_generate_on_run_and_model_dirs(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run_cli(out, "federation.rounds=1") == 0
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert scores["eval_loss"] == pytest.approx(summary["final"]["eval_loss"], rel=1e-5)
+    assert scores["rougeL"] == pytest.approx(summary["final"]["rougeL"], abs=1e-9)
+    assert main(["generate", str(out / "model"), "--prompt", "Write the word backwards.",
+                 "--input", "cloud", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+
+
+def test_engine_drops_bad_replies_and_failed_clients(tmp_path, monkeypatch):
+    from fedtune.algorithms.fedavg import FedAvg
+
+    real = FedAvg.client_round
+    calls = {"n": 0}
+
+    def flaky(self, model, payload, examples, round_, seed):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return b"garbage that is not a message"
+        if calls["n"] == 2:
+            raise RuntimeError("device ran out of battery")
+        return real(self, model, payload, examples, round_, seed)
+
+    monkeypatch.setattr(FedAvg, "client_round", flaky)
+    out = tmp_path / "r"
+    assert run_cli(out, "federation.rounds=1", "federation.clients_per_round=3") == 0
+    r = rows(out)[1]
+    assert (r["accepted"], r["rejected"], r["failed"]) == (1, 1, 1)
+    assert len(r["clients"]) == 3
