@@ -68,7 +68,7 @@ def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     for ax, key, label in ((axes[0], "rougeL", "Rouge-L F"), (axes[1], "eval_loss", "eval loss")):
         pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

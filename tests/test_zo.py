@@ -54,7 +54,7 @@ def test_perturb_then_restore_is_identity_up_to_fp32_rounding():
     perturb_(ps, 9, 1e-3)
     assert not torch.equal(ps[0], orig[0])
     perturb_(ps, 9, -1e-3)
-    for p, o in zip(ps, orig):
+    for p, o in zip(ps, orig, strict=True):
         torch.testing.assert_close(p, o, rtol=0, atol=1e-6)
 
 
@@ -64,7 +64,7 @@ def test_restore_and_update_with_zero_gradient_restores():
     perturb_(ps, 5, 1e-3)
     perturb_(ps, 5, -2e-3)
     restore_and_update_(ps, 5, 1e-3, lr=0.1, g=0.0)
-    for p, o in zip(ps, orig):
+    for p, o in zip(ps, orig, strict=True):
         torch.testing.assert_close(p, o, rtol=0, atol=1e-6)
 
 
@@ -83,7 +83,7 @@ def test_replay_equals_sequential_application():
     replay_(fused, coeffs)
     for s, c in coeffs.items():
         perturb_(seq, s, c)
-    for a, b in zip(fused, seq):
+    for a, b in zip(fused, seq, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
@@ -92,7 +92,7 @@ def test_replay_is_bitwise_independent_of_the_mapping_order():
     a, b = params((33, 17), (9,)), params((33, 17), (9,))
     replay_(a, dict(items))
     replay_(b, dict(reversed(items)))
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
 
 

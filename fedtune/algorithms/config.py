@@ -46,7 +46,7 @@ class AlgorithmConfig:
     )
     local_steps: int = option(20, "Optimizer steps each sampled client takes per round.")
     batch_size: int = option(4, "Examples per local step.")
-    lr: float = option(3e-3, "Local learning rate (the default suits the tiny default model).")
+    lr: float = option(1e-3, "Local learning rate.")
     optimizer: str = option(
         "adamw", "Local optimizer, fresh on every client each round.", OPTIMIZERS
     )

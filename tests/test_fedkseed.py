@@ -1,0 +1,380 @@
+"""FedKSeed / FedKSeed-Pro: seed probabilities, aggregation by hand, message validation, the
+bit-exact client rebuild, and whole runs through the CLI."""
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from fedtune.algorithms import build_algorithm
+from fedtune.algorithms.config import AlgorithmConfig
+from fedtune.algorithms.fedkseed import pro
+from fedtune.algorithms.fedkseed.algorithm import SEED_LOG, trainable
+from fedtune.algorithms.fedkseed.client import draw_seed_indices
+from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+from fedtune.algorithms.fedkseed.replay import rebuild_, seed_pool
+from fedtune.algorithms.fedkseed.server import FedKSeedServer
+from fedtune.algorithms.fedkseed.wire import Download, Reply
+from fedtune.cli import main
+from fedtune.configbase import ConfigError
+from fedtune.data.prompts import TokenizedExample
+from fedtune.federation.simulation import InProcessEngine
+from fedtune.wire import MessageError, encode_tensors
+
+# -- FedKSeed-Pro probabilities ------------------------------------------------------------------
+
+
+def test_pro_probabilities_by_hand():
+    # seed 0 never reported: history [0] -> psi 0; seed 1: history [0, 2, -4] -> psi 6/3 = 2;
+    # seed 2: history [0, 3000] -> clip -> 1000 / 2 = 500. Normalised: 0, 0.004, 1.
+    sum_abs = np.array([0.0, pro.clipped_abs(2, 1000) + pro.clipped_abs(-4, 1000),
+                        pro.clipped_abs(3000, 1000)])
+    count = np.array([1.0, 3.0, 2.0])
+    np.testing.assert_allclose(pro.importance(sum_abs, count), [0.0, 2.0, 500.0])
+    e = np.exp([0.0, 0.004, 1.0])
+    np.testing.assert_allclose(pro.seed_probabilities(sum_abs, count), e / e.sum(), rtol=1e-12)
+    e2 = np.exp([0.0, 0.002, 0.5])  # temperature 2 flattens
+    np.testing.assert_allclose(pro.seed_probabilities(sum_abs, count, 2.0), e2 / e2.sum())
+
+
+def test_pro_all_equal_importance_is_uniform():
+    s, _, c = pro.initial_stats(5)
+    assert c.tolist() == [1.0] * 5 and s.tolist() == [0.0] * 5
+    np.testing.assert_allclose(pro.seed_probabilities(s, c), np.full(5, 0.2))
+    with pytest.raises(ValueError):
+        pro.importance(np.zeros(2), np.zeros(2))
+
+
+def test_seed_pool_and_seed_draws_are_pure_functions_of_their_seeds():
+    pool = seed_pool(0, 16)
+    assert pool == seed_pool(0, 16) and len(set(pool)) == 16 and pool != seed_pool(1, 16)
+    assert all(0 <= s < 2**63 for s in pool)
+    a = draw_seed_indices(16, 50, seed=3)
+    assert a == draw_seed_indices(16, 50, seed=3) and a != draw_seed_indices(16, 50, seed=4)
+    p = np.zeros(16)
+    p[[2, 5]] = 0.5
+    assert set(draw_seed_indices(16, 50, seed=3, probs=p)) == {2, 5}
+
+
+def test_config_validation_names_key_and_value():
+    cfg = AlgorithmConfig(name="fedkseed")
+    cfg.fedkseed.k_seeds = 0
+    with pytest.raises(ConfigError, match=r"algorithm\.fedkseed\.k_seeds.*0"):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=r"algorithm\.fedkseed\.temperature"):
+        FedKSeedConfig(temperature=-1.0).validate("algorithm.fedkseed")
+
+
+# -- server aggregation --------------------------------------------------------------------------
+
+
+def reply(round_=1, n=1, index=(0,), sum_g=(1.0,), abs_clip=None, count=None, loss=2.0):
+    return Reply(round_, n, loss, torch.tensor(index, dtype=torch.int32),
+                 torch.tensor(sum_g, dtype=torch.float32),
+                 None if abs_clip is None else torch.tensor(abs_clip, dtype=torch.float32),
+                 None if count is None else torch.tensor(count, dtype=torch.int32))
+
+
+def test_server_weighted_mean_of_per_seed_sums_by_hand():
+    srv = FedKSeedServer(FedKSeedConfig(k_seeds=4), pro=True)
+    srv.begin_round(1)
+    # client A: 1 sample, seeds 0 and 2; client B: 3 samples, seeds 2 and 3
+    a = reply(n=1, index=(0, 2), sum_g=(2.0, 4.0), abs_clip=(2.0, 5.0), count=(1, 2))
+    b = reply(n=3, index=(3, 2), sum_g=(8.0, -4.0), abs_clip=(8.0, 4.0), count=(1, 1))
+    srv.accept(a.encode())
+    srv.accept(b.encode())
+    srv.end_round()
+    # A_0 = 1*2/4, A_2 = (1*4 + 3*(-4))/4, A_3 = 3*8/4: a weighted mean, not a sum
+    assert srv.accumulators.tolist() == [0.5, 0.0, -2.0, 6.0]
+    assert srv.count.tolist() == [2.0, 1.0, 4.0, 2.0]  # the initial 0.0 entry counts once
+    assert srv.sum_abs_clip.tolist() == [2.0, 0.0, 9.0, 8.0]
+    assert srv.sum_g.tolist() == [2.0, 0.0, 0.0, 8.0]
+    # cumulative: round 2 adds to A; a round with no valid reply changes nothing
+    srv.begin_round(2)
+    srv.accept(reply(round_=2, n=2, index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode())
+    srv.end_round()
+    assert srv.accumulators.tolist() == [0.5, 1.0, -2.0, 6.0]
+    srv.begin_round(3)
+    srv.end_round()
+    assert srv.accumulators.tolist() == [0.5, 1.0, -2.0, 6.0]
+    np.testing.assert_allclose(srv.probabilities(), pro.seed_probabilities(
+        np.array([2.0, 1.0, 9.0, 8.0]), np.array([2.0, 2.0, 4.0, 2.0])))
+    fresh = FedKSeedServer(FedKSeedConfig(k_seeds=4), pro=True)
+    fresh.load_state_dict(srv.state_dict())
+    assert torch.equal(fresh.accumulators, srv.accumulators)
+    assert fresh.count.tolist() == srv.count.tolist()
+
+
+def test_download_round_trip_and_byte_count():
+    k = 1024
+    a = torch.randn(k)
+    data = Download(3, a).encode()
+    assert 4 * k < len(data) < 4 * k + 300  # K float32 plus the header
+    back = Download.decode(data, k, pro=False, expect_round=3)
+    assert torch.equal(back.accumulators, a) and back.probs is None
+    p = torch.full((k,), 1.0 / k)
+    data = Download(3, a, p).encode()
+    assert 8 * k < len(data) < 8 * k + 300
+    assert torch.equal(Download.decode(data, k, pro=True, expect_round=3).probs, p)
+
+
+def test_reply_byte_count():
+    n = 200
+    plain = reply(index=range(n), sum_g=[0.5] * n).encode()
+    assert 8 * n < len(plain) < 8 * n + 300
+    full = reply(index=range(n), sum_g=[0.5] * n, abs_clip=[0.5] * n, count=[1] * n).encode()
+    assert 16 * n < len(full) < 16 * n + 400
+
+
+K = 8
+BAD_REPLIES = {
+    "index out of range": reply(index=(K,)),
+    "negative index": reply(index=(-1,)),
+    "duplicate index": reply(index=(2, 2), sum_g=(1.0, 1.0)),
+    "nan sum_g": reply(sum_g=(float("nan"),)),
+    "inf sum_g": reply(sum_g=(float("inf"),)),
+    "wrong round": reply(round_=2),
+    "no samples": reply(n=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REPLIES))
+def test_malformed_replies_rejected(case):
+    srv = FedKSeedServer(FedKSeedConfig(k_seeds=K), pro=False)
+    srv.begin_round(1)
+    with pytest.raises(MessageError):
+        srv.accept(BAD_REPLIES[case].encode())
+    srv.end_round()
+    assert srv.accumulators.abs().sum() == 0  # nothing reached the global state
+
+
+def _with_meta(data: bytes, **changes) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].update({k: str(v) for k, v in changes.items()})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
+
+
+def test_malformed_reply_bytes_rejected():
+    srv = FedKSeedServer(FedKSeedConfig(k_seeds=K), pro=False)
+    srv.begin_round(1)
+    good = reply(index=(1, 4), sum_g=(1.0, 2.0)).encode()
+    bad = [
+        _with_meta(good, n=3),  # wrong lengths: n says 3, the tensors hold 2
+        _with_meta(good, n=K + 1),  # more seeds than the pool
+        _with_meta(good, kind="fedavg.reply"),
+        _with_meta(good, train_loss="nan"),
+        good + b"\0" * 4096,  # oversize
+        b"garbage",
+        Reply(1, 1, 2.0, torch.tensor([1, 4], dtype=torch.int32),
+              torch.tensor([1.0], dtype=torch.float32)).encode(),  # lengths differ
+        encode_tensors({"kind": "fedkseed.reply", "round": 1, "num_samples": 1, "train_loss": 2.0,
+                        "n": 1}, {"index": torch.tensor([1]), "sum_g": torch.tensor([1.0])}),
+        # ^ int64 index: wrong dtype
+        reply(index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode(),  # extra tensors
+    ]
+    for i, data in enumerate(bad):
+        with pytest.raises(MessageError):
+            srv.accept(data)
+            pytest.fail(f"bad reply {i} accepted")
+    srv.accept(good)  # the good one still passes
+
+
+def test_malformed_pro_replies_rejected():
+    srv = FedKSeedServer(FedKSeedConfig(k_seeds=K, clip=10.0), pro=True)
+    srv.begin_round(1)
+    for bad in [reply(),  # Pro stats missing
+                reply(abs_clip=(1.0,), count=(0,)),
+                reply(abs_clip=(-1.0,), count=(1,)),
+                reply(abs_clip=(25.0,), count=(2,))]:  # above clip * count
+        with pytest.raises(MessageError):
+            srv.accept(bad.encode())
+    srv.accept(reply(abs_clip=(20.0,), count=(2,)).encode())
+
+
+def test_malformed_downloads_rejected():
+    a = torch.zeros(K)
+    p = torch.full((K,), 1.0 / K)
+    with pytest.raises(MessageError, match="round"):
+        Download.decode(Download(2, a).encode(), K, False, expect_round=1)
+    for data, is_pro in [(Download(1, torch.zeros(K + 1)).encode(), False),
+                         (Download(1, a).encode(), True),  # probabilities missing
+                         (Download(1, torch.full((K,), float("nan"))).encode(), False),
+                         (Download(1, a, p * 2).encode(), True),
+                         (Download(1, a, -p).encode(), True)]:
+        with pytest.raises(MessageError):
+            Download.decode(data, K, is_pro, expect_round=1)
+
+
+# -- the algorithm on a tiny model ---------------------------------------------------------------
+
+
+def tiny_model() -> LlamaForCausalLM:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def examples(client: int, n: int = 4) -> list[TokenizedExample]:
+    rng = np.random.default_rng(client)
+    out = []
+    for _ in range(n):
+        ids = rng.integers(3, 40, size=int(rng.integers(4, 9))).tolist()
+        out.append(TokenizedExample(ids, [-100, -100] + ids[2:]))
+    return out
+
+
+def make(name="fedkseed", **kw):
+    cfg = AlgorithmConfig(name=name)
+    cfg.fedkseed = FedKSeedConfig(k_seeds=16, tau=6, lr=1e-3, **kw)
+    cfg.validate()
+    alg = build_algorithm(cfg, pad_id=0)
+    model = alg.prepare(tiny_model())
+    return alg, model
+
+
+def run_round(alg, model, round_, clients, snapshots=None):
+    alg.begin_round(round_)
+    for cid in clients:
+        up = alg.client_round(model, alg.download(round_, cid), examples(cid), round_, 100 + cid)
+        if snapshots is not None:
+            snapshots.append((len(examples(cid)), [p.detach().clone() for p in trainable(model)]))
+        alg.accept(up)
+    alg.end_round()
+
+
+@pytest.mark.parametrize("name", ["fedkseed", "fedkseed-pro"])
+def test_client_starts_from_the_global_model_bit_for_bit(name, monkeypatch):
+    import fedtune.algorithms.fedkseed.algorithm as mod
+
+    alg, model = make(name)
+    run_round(alg, model, 1, [0, 1])
+    run_round(alg, model, 2, [1, 2])
+    assert alg.server.accumulators.abs().sum() > 0
+    starts = []
+    original = mod.local_zo_train
+
+    def spy(model, params, *args, **kwargs):
+        starts.append([p.detach().clone() for p in params])
+        return original(model, params, *args, **kwargs)
+
+    monkeypatch.setattr(mod, "local_zo_train", spy)
+    expected = tiny_model()  # a separate model: round 2's global model, as the server defines it
+    alg.load_global(expected)
+    run_round(alg, model, 3, [0])
+    for a, b in zip(starts[0], trainable(expected), strict=True):
+        assert torch.equal(a, b)  # the client trained from exactly that
+    # a fresh device rebuilding from w0 and the (JSON) seed log gets the global model exactly
+    alg.load_global(model)
+    log = json.loads(json.dumps(alg.seed_log()))
+    fresh = tiny_model()
+    params = list(fresh.parameters())
+    rebuild_(params, [p.detach().clone() for p in params], log["seed_pool"],
+             torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
+    for a, b in zip(params, trainable(model), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_aggregate_equals_fedavg_of_the_local_models():
+    # constant lr, no weight decay: w0 - lr sum_j A_j z_j is the sample-weighted mean of the
+    # clients' local models (up to fp32 rounding)
+    alg, model = make()
+    snaps: list = []
+    run_round(alg, model, 1, [0, 1, 2], snaps)
+    total = sum(n for n, _ in snaps)
+    alg.load_global(model)
+    for i, p in enumerate(trainable(model)):
+        mean = sum(n * ps[i].double() for n, ps in snaps) / total
+        torch.testing.assert_close(p.double(), mean, rtol=0, atol=1e-6)
+
+
+def test_pro_clients_draw_from_the_server_probabilities():
+    alg, model = make("fedkseed-pro")
+    run_round(alg, model, 1, [0, 1])
+    p = alg.server.probabilities()
+    assert p.max() / p.min() <= math.e + 1e-9 and p.max() > p.min()
+    alg.begin_round(2)
+    down = Download.decode(alg.download(2, 0), 16, True, expect_round=2)
+    np.testing.assert_allclose(down.probs.numpy(), p, rtol=1e-6)
+
+
+def test_checkpoint_refuses_another_seed_pool():
+    alg, _ = make()
+    other, _ = make(seed=1)
+    with pytest.raises(ValueError, match="seed pool"):
+        other.load_state_dict(alg.state_dict())
+    other2, _ = make()
+    other2.load_state_dict(alg.state_dict())
+
+
+# -- whole runs through the CLI ------------------------------------------------------------------
+
+SMALL = [
+    "federation.rounds=2", "federation.clients_per_round=2", "data.num_clients=4",
+    "data.generated_per_family=6", "evaluation.max_examples=4", "evaluation.max_new_tokens=4",
+    "evaluation.rouge_interval=0", "model.tiny_vocab_size=300", "algorithm.fedkseed.k_seeds=16",
+    "algorithm.fedkseed.tau=4", "output.plots=false",
+]
+
+
+def run_cli(out: Path, *extra: str) -> int:
+    args = ["run", "--quiet", "--out", str(out)]
+    for s in SMALL + list(extra):
+        args += ["--set", s]
+    return main(args)
+
+
+def model_hash(model_dir: Path) -> str:
+    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_two_rounds_through_the_cli_are_reproducible(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli(a, "algorithm.name=fedkseed") == 0
+    assert run_cli(b, "algorithm.name=fedkseed") == 0
+    assert model_hash(a / "model") == model_hash(b / "model")
+    rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for r in rows[1:]:
+        assert r["accepted"] == 2 and r["rejected"] == 0 and r["failed"] == 0
+        assert 4 * 16 < r["bytes_down_per_client"] < 4 * 16 + 400  # K float32 accumulators
+        assert r["bytes_up_per_client"] < 8 * 4 + 400  # at most tau (index, sum g) pairs
+
+
+def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert run_cli(straight, "algorithm.name=fedkseed-pro") == 0
+    real = InProcessEngine.run_round
+
+    def interrupted(self, round_, on_client=None):
+        if round_ == 2:
+            raise KeyboardInterrupt
+        return real(self, round_, on_client)
+
+    monkeypatch.setattr(InProcessEngine, "run_round", interrupted)
+    assert run_cli(broken, "algorithm.name=fedkseed-pro") == 130
+    monkeypatch.setattr(InProcessEngine, "run_round", real)
+    assert main(["run", "--quiet", "--resume", str(broken)]) == 0
+    assert model_hash(straight / "model") == model_hash(broken / "model")
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    for r in rows[1:]:
+        assert 8 * 16 < r["bytes_down_per_client"] < 8 * 16 + 400  # K accumulators + K probs
+    # the exported model is w0 replayed with the seed log, bit for bit
+    log = json.loads((straight / SEED_LOG).read_text())
+    assert log["algorithm"] == "fedkseed-pro" and any(x != 0 for x in log["accumulators"])
+    base = AutoModelForCausalLM.from_pretrained(straight / "base_model")
+    exported = AutoModelForCausalLM.from_pretrained(straight / "model")
+    params = list(base.parameters())
+    rebuild_(params, [p.detach().clone() for p in params], log["seed_pool"],
+             torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
+    for (name, p), q in zip(base.named_parameters(), exported.parameters(), strict=True):
+        assert torch.equal(p, q), name
