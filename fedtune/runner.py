@@ -88,11 +88,16 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
     device = resolve_device(cfg.model.device)
     clients = []
     for i, records in enumerate(data.clients):
-        examples = tokenize_records(records, tokenizer, cfg.data.max_length)
+        examples = tokenize_records(records, tokenizer, cfg.data.max_length, quiet=True)
         if not examples:
             raise ValueError(f"client {i} has no trainable example after tokenisation "
-                             f"(max_length = {cfg.data.max_length} too small?)")
+                             f"(data.max_length = {cfg.data.max_length} too small?)")
         clients.append(examples)
+    dropped = sum(map(len, data.clients)) - sum(map(len, clients))
+    if dropped:
+        log.warning("dropped %d of %d training records whose prompt alone fills "
+                    "data.max_length = %d (no response token left to train on)", dropped,
+                    sum(map(len, data.clients)), cfg.data.max_length)
     ev = cfg.evaluation
     eval_records = select_eval_records(data.eval, ev.max_examples, ev.seed)
     algorithm = build_algorithm(cfg.algorithm, int(tokenizer.pad_token_id))

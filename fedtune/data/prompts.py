@@ -95,16 +95,21 @@ def tokenize_record(
 
 
 def tokenize_records(
-    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int
+    records: Sequence[Record], tokenizer: PreTrainedTokenizerBase, max_length: int,
+    *, quiet: bool = False,
 ) -> list[TokenizedExample]:
-    """:func:`tokenize_record` over ``records``, dropping (and logging) prompt-only examples."""
+    """:func:`tokenize_record` over ``records``, dropping (and logging) prompt-only examples.
+
+    ``quiet`` leaves the logging to the caller (which then counts ``len(records) - len(out)``),
+    e.g. to report one line for 200 clients rather than one per client.
+    """
     out: list[TokenizedExample] = []
     for record in records:
         ex = tokenize_record(record, tokenizer, max_length)
         if ex is not None:
             out.append(ex)
     dropped = len(records) - len(out)
-    if dropped:
+    if dropped and not quiet:
         logger.warning(
             "dropped %d of %d records: the prompt alone fills max_length=%d, so no response "
             "token would be trained (raise data.max_length)", dropped, len(records), max_length,

@@ -19,7 +19,7 @@ class FedKSeedConfig:
     k_seeds: int = option(64, "K, the size of the seed pool every perturbation is drawn from "
                               "(paper: 4096; 1024 in the reference's README runs).")
     zo_eps: float = option(5e-4, "ε, the scale of the two-point perturbation θ ± εz (paper 5e-4).")
-    lr: float = option(1e-5, "Zeroth-order SGD learning rate; the global model is "
+    lr: float = option(1e-4, "Zeroth-order SGD learning rate; the global model is "
                              "w0 - lr * sum_j A_j z(s_j) (paper: 3e-7 on 1.3B-3B models).")
     tau: int = option(20, "τ, zeroth-order steps each sampled client takes per round (paper 200).")
     batch_size: int = option(1, "Examples per zeroth-order step (paper 1).")
