@@ -3,6 +3,7 @@ bit-exact client rebuild, and whole runs through the CLI."""
 
 import hashlib
 import json
+import struct
 import math
 from pathlib import Path
 
@@ -86,8 +87,8 @@ def test_server_weighted_mean_of_per_seed_sums_by_hand():
     # client A: 1 sample, seeds 0 and 2; client B: 3 samples, seeds 2 and 3
     a = reply(n=1, index=(0, 2), sum_g=(2.0, 4.0), abs_clip=(2.0, 5.0), count=(1, 2))
     b = reply(n=3, index=(3, 2), sum_g=(8.0, -4.0), abs_clip=(8.0, 4.0), count=(1, 1))
-    srv.accept(a.encode())
-    srv.accept(b.encode())
+    srv.accept(a.encode(K))
+    srv.accept(b.encode(K))
     srv.end_round()
     # A_0 = 1*2/4, A_2 = (1*4 + 3*(-4))/4, A_3 = 3*8/4: a weighted mean, not a sum
     assert srv.accumulators.tolist() == [0.5, 0.0, -2.0, 6.0]
@@ -96,7 +97,7 @@ def test_server_weighted_mean_of_per_seed_sums_by_hand():
     assert srv.sum_g.tolist() == [2.0, 0.0, 0.0, 8.0]
     # cumulative: round 2 adds to A; a round with no valid reply changes nothing
     srv.begin_round(2)
-    srv.accept(reply(round_=2, n=2, index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode())
+    srv.accept(reply(round_=2, n=2, index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode(K))
     srv.end_round()
     assert srv.accumulators.tolist() == [0.5, 1.0, -2.0, 6.0]
     srv.begin_round(3)
@@ -114,21 +115,35 @@ def test_download_round_trip_and_byte_count():
     k = 1024
     a = torch.randn(k)
     data = Download(3, a).encode()
-    assert 4 * k < len(data) < 4 * k + 300  # K float32 plus the header
+    assert len(data) == 21 + 4 * k  # the 21-byte header and K float32
     back = Download.decode(data, k, pro=False, expect_round=3)
-    assert torch.equal(back.accumulators, a) and back.probs is None
+    assert torch.equal(back.accumulators, a) and back.probs is None and back.since == 0
     p = torch.full((k,), 1.0 / k)
     data = Download(3, a, p).encode()
-    assert 8 * k < len(data) < 8 * k + 300
+    assert len(data) == 21 + 8 * k
     assert torch.equal(Download.decode(data, k, pro=True, expect_round=3).probs, p)
 
 
-def test_reply_byte_count():
+def test_sparse_delta_download_round_trip():
+    k = 4096
+    delta = torch.zeros(k)
+    delta[[3, 70, 4095]] = torch.tensor([0.5, -2.0, 7.0])
+    data = Download(5, delta, since=4).encode()
+    assert len(data) == 21 + 3 * (2 + 4)  # uint16 index + float32 value per changed seed
+    back = Download.decode(data, k, pro=False, expect_round=5)
+    assert torch.equal(back.accumulators, delta) and back.since == 4
+
+
+def test_reply_byte_count_meets_the_paper():
     n = 200
-    plain = reply(index=range(n), sum_g=[0.5] * n).encode()
-    assert 8 * n < len(plain) < 8 * n + 300
-    full = reply(index=range(n), sum_g=[0.5] * n, abs_clip=[0.5] * n, count=[1] * n).encode()
-    assert 16 * n < len(full) < 16 * n + 400
+    plain = reply(index=range(n), sum_g=[0.5] * n).encode(4096)
+    assert len(plain) == 21 + 6 * n
+    full = reply(index=range(n), sum_g=[0.5] * n, abs_clip=[0.5] * n, count=[1] * n)
+    assert len(full.encode(4096)) == 21 + 12 * n
+    # the paper's 4K + 8 tau + 4 = 17,988 B at K = 4096, tau = 200, with every seed distinct
+    assert len(Download(1, torch.randn(4096)).encode()) + len(plain) <= 17_988
+    # pools above 65536 seeds need uint32 indices
+    assert len(reply(index=(70_000,), sum_g=(1.0,)).encode(100_000)) == 21 + 8
 
 
 K = 8
@@ -148,43 +163,43 @@ def test_malformed_replies_rejected(case):
     srv = FedKSeedServer(FedKSeedConfig(k_seeds=K), pro=False)
     srv.begin_round(1)
     with pytest.raises(MessageError):
-        srv.accept(BAD_REPLIES[case].encode())
+        srv.accept(BAD_REPLIES[case].encode(K))
     srv.end_round()
     assert srv.accumulators.abs().sum() == 0  # nothing reached the global state
 
 
-def _with_meta(data: bytes, **changes) -> bytes:
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
-    header["__metadata__"].update({k: str(v) for k, v in changes.items()})
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw + data[8 + n:]
+def _patch(data: bytes, offset: int, fmt: str, value) -> bytes:
+    """``data`` with the header field at ``offset`` (struct ``fmt``) replaced by ``value``."""
+    return data[:offset] + struct.pack("<" + fmt, value) + data[offset + struct.calcsize(fmt):]
 
 
 def test_malformed_reply_bytes_rejected():
     srv = FedKSeedServer(FedKSeedConfig(k_seeds=K), pro=False)
     srv.begin_round(1)
-    good = reply(index=(1, 4), sum_g=(1.0, 2.0)).encode()
-    bad = [
-        _with_meta(good, n=3),  # wrong lengths: n says 3, the tensors hold 2
-        _with_meta(good, n=K + 1),  # more seeds than the pool
-        _with_meta(good, kind="fedavg.reply"),
-        _with_meta(good, train_loss="nan"),
-        good + b"\0" * 4096,  # oversize
-        b"garbage",
-        Reply(1, 1, 2.0, torch.tensor([1, 4], dtype=torch.int32),
-              torch.tensor([1.0], dtype=torch.float32)).encode(),  # lengths differ
-        encode_tensors({"kind": "fedkseed.reply", "round": 1, "num_samples": 1, "train_loss": 2.0,
-                        "n": 1}, {"index": torch.tensor([1]), "sum_g": torch.tensor([1.0])}),
-        # ^ int64 index: wrong dtype
-        reply(index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode(),  # extra tensors
-    ]
-    for i, data in enumerate(bad):
+    good = reply(index=(1, 4), sum_g=(1.0, 2.0)).encode(K)
+    # header: magic 0:4, flags 4, round 5:9, num_samples 9:13, train_loss 13:17, n 17:21
+    bad = {
+        "n says 3, the arrays hold 2": _patch(good, 17, "I", 3),
+        "more seeds than the pool": _patch(good, 17, "I", K + 1),
+        "no seeds": _patch(good, 17, "I", 0),
+        "a download's magic": b"FKS\x01" + good[4:],
+        "unknown flags": _patch(good, 4, "B", 0x80),
+        "Pro flag without Pro stats": _patch(good, 4, "B", 1),
+        "nan train loss": _patch(good, 13, "f", float("nan")),
+        "oversize": good + b"\0" * 4096,
+        "truncated": good[:-1],
+        "garbage": b"garbage",
+        "not bytes": "a string",  # type: ignore[dict-item]
+        "Pro stats to a plain server":
+            reply(index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode(K),
+    }
+    for case, data in bad.items():
         with pytest.raises(MessageError):
             srv.accept(data)
-            pytest.fail(f"bad reply {i} accepted")
+            pytest.fail(f"bad reply accepted: {case}")
     srv.accept(good)  # the good one still passes
+    srv.end_round()
+    assert srv.accumulators.tolist() == [0, 1.0, 0, 0, 2.0, 0, 0, 0]
 
 
 def test_malformed_pro_replies_rejected():
@@ -195,8 +210,8 @@ def test_malformed_pro_replies_rejected():
                 reply(abs_clip=(-1.0,), count=(1,)),
                 reply(abs_clip=(25.0,), count=(2,))]:  # above clip * count
         with pytest.raises(MessageError):
-            srv.accept(bad.encode())
-    srv.accept(reply(abs_clip=(20.0,), count=(2,)).encode())
+            srv.accept(bad.encode(K))
+    srv.accept(reply(abs_clip=(20.0,), count=(2,)).encode(K))
 
 
 def test_malformed_downloads_rejected():
@@ -204,13 +219,26 @@ def test_malformed_downloads_rejected():
     p = torch.full((K,), 1.0 / K)
     with pytest.raises(MessageError, match="round"):
         Download.decode(Download(2, a).encode(), K, False, expect_round=1)
+    good = Download(1, a).encode()
     for data, is_pro in [(Download(1, torch.zeros(K + 1)).encode(), False),
                          (Download(1, a).encode(), True),  # probabilities missing
+                         (Download(1, a, p).encode(), False),  # probabilities unexpected
                          (Download(1, torch.full((K,), float("nan"))).encode(), False),
                          (Download(1, a, p * 2).encode(), True),
-                         (Download(1, a, -p).encode(), True)]:
+                         (Download(1, a, -p).encode(), True),
+                         (Download(1, a, since=1).encode(), False),  # "since" not in the past
+                         (good + b"\0\0\0\0", False),  # oversize
+                         (good[:-4], False),  # truncated
+                         (_patch(good, 4, "B", 0x40), False),  # unknown flag
+                         (b"FKS\x02" + good[4:], False)]:  # an upload's magic
         with pytest.raises(MessageError):
             Download.decode(data, K, is_pro, expect_round=1)
+    sparse = Download(2, torch.tensor([0, 0, 1.0, 0, 0, 0, 0, 3.0]), since=1).encode()
+    # indices at 21:23 and 23:25; swapping them breaks the ascending order
+    swapped = sparse[:21] + sparse[23:25] + sparse[21:23] + sparse[25:]
+    for data in (swapped, _patch(sparse, 23, "H", K)):
+        with pytest.raises(MessageError, match="seed ind"):
+            Download.decode(data, K, False, expect_round=2)
 
 
 # -- the algorithm on a tiny model ---------------------------------------------------------------
@@ -347,8 +375,9 @@ def test_two_rounds_through_the_cli_are_reproducible(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["accepted"] == 2 and r["rejected"] == 0 and r["failed"] == 0
-        assert 4 * 16 < r["bytes_down_per_client"] < 4 * 16 + 400  # K float32 accumulators
-        assert r["bytes_up_per_client"] < 8 * 4 + 400  # at most tau (index, sum g) pairs
+        # A as K float32, or as sparse (index, value) pairs while few seeds are non-zero
+        assert 21 <= r["bytes_down_per_client"] <= 21 + 4 * 16
+        assert r["bytes_up_per_client"] <= 21 + 6 * 4  # at most tau (index, sum g) pairs
 
 
 def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, monkeypatch):
@@ -368,7 +397,8 @@ def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, monkeypatch
     assert model_hash(straight / "model") == model_hash(broken / "model")
     rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
     for r in rows[1:]:
-        assert 8 * 16 < r["bytes_down_per_client"] < 8 * 16 + 400  # K accumulators + K probs
+        # K probabilities + A (dense or sparse: never more than K float32)
+        assert 21 + 4 * 16 <= r["bytes_down_per_client"] <= 21 + 8 * 16
     # the exported model is w0 replayed with the seed log, bit for bit
     log = json.loads((straight / SEED_LOG).read_text())
     assert log["algorithm"] == "fedkseed-pro" and any(x != 0 for x in log["accumulators"])
@@ -379,3 +409,40 @@ def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, monkeypatch
              torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
     for (name, p), q in zip(base.named_parameters(), exported.parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_incremental_catch_up_matches_the_full_rebuild():
+    """A device holding round 1's model applies only the change since round 1 (the paper's ΔA)."""
+    from fedtune.algorithms.fedkseed.replay import catch_up_
+
+    alg, model = make("fedkseed")
+    run_round(alg, model, 1, [0, 1])
+    alg.load_global(model)
+    cached = [p.detach().clone() for p in trainable(model)]  # the device's model of round 1
+    run_round(alg, model, 2, [2, 3])
+    alg.begin_round(3)
+    full = Download.decode(alg.server.download(3), 16, False, expect_round=3)
+    delta = Download.decode(alg.server.download(3, since=1), 16, False, expect_round=3)
+    assert delta.since == 1 and full.since == 0
+    assert torch.equal(delta.accumulators, alg.server.history[2] - alg.server.history[1])
+    # a stateless in-process device refuses a change it has no cached model for
+    with pytest.raises(MessageError, match="cached model"):
+        alg.client_round(model, alg.server.download(3, since=1), examples(0), 3, 1)
+
+    rebuilt = [p.detach().clone() for p in trainable(model)]
+    rebuild_(rebuilt, alg.w0, alg.pool, full.accumulators, alg.cfg.lr)
+    caught_up = [c.clone() for c in cached]
+    catch_up_(caught_up, alg.pool, delta.accumulators, alg.cfg.lr)
+    again = [c.clone() for c in cached]
+    catch_up_(again, alg.pool, delta.accumulators, alg.cfg.lr)
+    for a, b, c in zip(rebuilt, caught_up, again, strict=True):
+        assert torch.equal(b, c)  # the same path gives the same bits
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # equal up to float32 rounding
+    assert any(not torch.equal(a, c) for a, c in zip(rebuilt, cached, strict=True))
+
+
+def test_unknown_since_round_gets_the_full_download():
+    alg, model = make("fedkseed")
+    run_round(alg, model, 1, [0])
+    alg.begin_round(2)
+    assert alg.server.download(2, since=7) == alg.server.download(2)

@@ -14,7 +14,9 @@ equals the global model bit for bit. Memory trade-off: one float32 copy of the t
 parameters (w0) is kept, shared by the simulated devices and the server (a real server needs
 none: it only ever stores K numbers, plus w0 on disk to export). Rebuilding costs at most K
 generations of z per client per round; an incremental rebuild from a device's cached model is
-possible (the paper's ΔA) but is not what this engine's stateless clients do.
+possible (the paper's ΔA: :func:`.replay.catch_up_`, ``FedKSeedServer.download(round, since)``)
+but is not what this engine's stateless clients do. Because the rebuild is deterministic, the
+engine rebuilds once per round and restores that copy for each client (see ``_set_round_model``).
 
 Master weights: the trainable parameters are kept in float32 (a model loaded in fp16/bf16 is
 upcast in ``prepare``): ZO updates of ~lr · g are far below half-precision resolution.
@@ -60,6 +62,8 @@ class FedKSeed:
         self.pool = seed_pool(self.cfg.seed, self.cfg.k_seeds)
         self.server = FedKSeedServer(self.cfg, pro)
         self.w0: list[torch.Tensor] | None = None
+        self._cached: list[torch.Tensor] = []
+        self._cached_acc: torch.Tensor | None = None
         self.param_names: list[str] = []
 
     # -- set-up -----------------------------------------------------------------------------
@@ -94,7 +98,24 @@ class FedKSeed:
         self.server.end_round()
 
     def load_global(self, model: torch.nn.Module) -> None:
-        rebuild_(trainable(model), self._w0(), self.pool, self.server.accumulators, self.cfg.lr)
+        self._set_round_model(trainable(model), self.server.accumulators)
+
+    def _set_round_model(self, params: list[torch.nn.Parameter], acc: torch.Tensor) -> None:
+        """Set ``params`` to w0 − lr · Σ_j A_j z(s_j) for ``acc`` = A.
+
+        The rebuild is deterministic, so the in-process engine does it once per distinct A and
+        restores a copy for every later client of the round: bit for bit the model each device
+        would rebuild itself (whose download bytes are still counted), at the cost of one more
+        float32 copy of the trainable parameters instead of one K-seed replay per client.
+        """
+        if self._cached_acc is None or not torch.equal(self._cached_acc, acc):
+            rebuild_(params, self._w0(), self.pool, acc, self.cfg.lr)
+            self._cached = [p.detach().clone() for p in params]
+            self._cached_acc = acc.clone()
+            return
+        with torch.no_grad():
+            for p, cached in zip(params, self._cached, strict=True):
+                p.copy_(cached)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = self.server.state_dict()
@@ -113,9 +134,12 @@ class FedKSeed:
                      examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
         c = self.cfg
         down = Download.decode(payload, c.k_seeds, self.pro, expect_round=round_)
+        if down.since != 0:
+            raise MessageError(f"a change since round {down.since} needs a cached model; this "
+                               "device holds only w0")
         params = trainable(model)
         # the device's model of this round: w0 and the K accumulators, nothing else
-        rebuild_(params, self._w0(), self.pool, down.accumulators, c.lr)
+        self._set_round_model(params, down.accumulators)
         probs = down.probs.double().numpy() if down.probs is not None else None
         stats, loss, _ = local_zo_train(
             model, params, self.pool, examples, tau=c.tau, batch_size=c.batch_size,
@@ -132,7 +156,7 @@ class FedKSeed:
             reply.count = torch.tensor([stats.count[j] for j in idx], dtype=torch.int32)
         if not torch.isfinite(reply.sum_g).all():
             raise MessageError("a seed's sum of g overflows float32")
-        return reply.encode()
+        return reply.encode(c.k_seeds)
 
     # -- result -------------------------------------------------------------------------------
     def seed_log(self) -> dict[str, Any]:

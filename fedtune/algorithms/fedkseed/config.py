@@ -36,7 +36,8 @@ class FedKSeedConfig:
               f"must be in [1, {MAX_K_SEEDS}]")
         check(self.zo_eps > 0, f"{prefix}.zo_eps", self.zo_eps, "must be > 0")
         check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
-        check(self.tau >= 1, f"{prefix}.tau", self.tau, "must be >= 1")
+        check(1 <= self.tau <= 65535, f"{prefix}.tau", self.tau,
+              "must be in [1, 65535] (a seed's count travels as uint16)")
         check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
         check(self.clip > 0, f"{prefix}.clip", self.clip, "must be > 0")
         check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")

@@ -32,6 +32,19 @@ def replay_coefficients(pool: Sequence[int], accumulators: torch.Tensor, lr: flo
 
 
 @torch.no_grad()
+def catch_up_(params: Sequence[torch.Tensor], pool: Sequence[int], delta: torch.Tensor,
+              lr: float) -> None:
+    """Move a cached model of round r0 to round r: θ ← θ − lr · Σ_j ΔA_j z(s_j), ΔA = A_r − A_r0.
+
+    The paper's incremental rebuild: it costs one generation of z per seed whose accumulator
+    changed since r0, instead of one per non-zero seed. It equals :func:`rebuild_` up to float32
+    rounding (the two add the same terms in a different grouping), not bit for bit; a device that
+    needs the server's exact bits rebuilds from w0.
+    """
+    replay_(params, replay_coefficients(pool, delta, lr))
+
+
+@torch.no_grad()
 def rebuild_(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], pool: Sequence[int],
              accumulators: torch.Tensor, lr: float) -> None:
     """Set ``params`` to w0 − lr · Σ_j A_j z(s_j): copy w0, then one fused replay of every seed.
@@ -40,4 +53,4 @@ def rebuild_(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], pool: S
     """
     for p, p0 in zip(params, w0, strict=True):
         p.copy_(p0)
-    replay_(params, replay_coefficients(pool, accumulators, lr))
+    catch_up_(params, pool, accumulators, lr)

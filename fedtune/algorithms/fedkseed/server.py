@@ -40,6 +40,9 @@ class FedKSeedServer:
         self._total = 0.0
         self._replies = 0
         self._download: bytes | None = None
+        # A after each completed round (K floats a round), for devices that catch up from a
+        # cached model; kept in memory only: after a resume such devices get a full download
+        self.history: dict[int, torch.Tensor] = {0: self.accumulators.clone()}
 
     def probabilities(self) -> np.ndarray:
         """This round's seed probabilities (uniform for plain FedKSeed)."""
@@ -57,10 +60,18 @@ class FedKSeedServer:
         # the same bytes go to every client of the round: encode once
         self._download = Download(round_, self.accumulators.clone(), probs).encode()
 
-    def download(self, round_: int) -> bytes:
+    def download(self, round_: int, since: int = 0) -> bytes:
+        """The round's download for a device holding the model of round ``since`` (0: w0 only).
+
+        Carries A itself for ``since = 0``, else ΔA = A − A_since (sparse when that is smaller).
+        A ``since`` the server no longer knows (e.g. from before a resume) gets the full A.
+        """
         if self._download is None or round_ != self.round:
             raise RuntimeError(f"download({round_}) outside round {self.round}")
-        return self._download
+        if since == 0 or since not in self.history:
+            return self._download
+        probs = torch.from_numpy(self.probabilities()).to(torch.float32) if self.pro else None
+        return Download(round_, self.accumulators - self.history[since], probs, since).encode()
 
     def accept(self, payload: bytes) -> ReplyInfo:
         """Validate (raises MessageError) before anything touches the aggregate."""
@@ -90,6 +101,7 @@ class FedKSeedServer:
             sg, sa, cnt = self._round_stats
             self.sum_g, self.sum_abs_clip, self.count = (
                 self.sum_g + sg, self.sum_abs_clip + sa, self.count + cnt)
+        self.history[self.round] = self.accumulators.clone()
         self._inc, self._round_stats, self._download = None, None, None
 
     # -- checkpoint ---------------------------------------------------------------------------

@@ -1,86 +1,173 @@
-"""FedKSeed messages: K numbers down, a few (seed index, Σg) pairs up.
+"""FedKSeed messages in a compact binary layout: K numbers down, a few (index, Σg) pairs up.
 
-Download ``{kind: fedkseed.download, round, k_seeds}`` + ``accumulators`` (K,) float32: the change
-of the per-seed accumulators A since the model every client holds, w0 (this engine keeps no client
-state between rounds, so that is A itself); FedKSeed-Pro adds ``probs`` (K,) float32, the round's
-seed probabilities. The client rebuilds w = w0 − lr · Σ_j A_j z(s_j) from it.
+FedKSeed's point is that a round costs a few KB, so its messages carry no self-describing
+header (safetensors' JSON header alone would be ~300 B): a fixed little-endian struct, then bare
+arrays. Seed indices are uint16 when K <= 65536 (else uint32), everything else float32.
 
-Upload ``{kind: fedkseed.reply, round, num_samples, train_loss, n}`` + for the n seeds the client
-touched: ``index`` (n,) int32 (into the pool) and ``sum_g`` (n,) float32; FedKSeed-Pro adds
-``sum_abs_clip`` (n,) float32 and ``count`` (n,) int32 for the seed statistics.
+Download (``FKS`` + version 1, 21-byte header)::
 
-Payload bytes: 4K down (8K for Pro), 8n up (16n for Pro), n ≤ min(τ, K), plus the safetensors
-JSON header (a few hundred bytes). The paper counts 4K + 8τ + 4 with bare buffers.
+    magic "FKS\\x01" | flags u8 (1: probs follow, 2: sparse) | round u32 | K u32 | since u32 | n u32
+    dense:  dA (K,) f32                      -- the change of A since round ``since``
+    sparse: index (n,) u16/u32 ascending, dA (n,) f32
+    probs (K,) f32                           -- FedKSeed-Pro only: this round's seed probabilities
 
-Decode validates (MessageError): size before parsing, names, shapes, dtypes, finiteness (via
-:func:`fedtune.wire.decode_tensors`), the round, seed indices in [0, K) and distinct, counts >= 1,
-0 <= Σ|clip g| <= c · count, and probabilities >= 0 summing to 1.
+``since = 0`` means "since w0", i.e. dA = A itself: what a device with no cached model needs. A
+device that still holds the model of round ``since`` applies only dA (the paper's ΔA). The encoder
+picks whichever of dense and sparse is smaller.
+
+Upload (``FKS`` + version 2, 21-byte header)::
+
+    magic "FKS\\x02" | flags u8 (1: Pro stats follow) | round u32 | num_samples u32 |
+    train_loss f32 | n u32
+    index (n,) u16/u32 strictly ascending, sum_g (n,) f32
+    Pro:  sum_abs_clip (n,) f32, count (n,) u16
+
+Bytes at the paper's K = 4096, τ = 200: 21 + 4·4096 down and 21 + 6·n up with n <= τ distinct
+seeds, at most 17,990 B and about 17,600 B for the ~195 distinct seeds τ = 200 uniform draws hit;
+the paper counts 4K + 8τ + 4 = 17,988 B.
+
+Decoding validates before anything is returned (MessageError): the exact length for the declared
+counts (so oversize or truncated payloads are refused before any array is read), magic and
+version, unknown flags, the round, K, indices in [0, K) and strictly ascending (so distinct),
+finite values, counts >= 1, 0 <= Σ|clip g| <= c · count, probabilities >= 0 summing to 1.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from fedtune.wire import (
-    MessageError,
-    TensorSpec,
-    decode_tensors,
-    meta_float,
-    meta_int,
-    meta_str,
-    read_metadata,
-)
-from fedtune.wire import encode_tensors as _encode
+from fedtune.wire import MessageError
 
-HEADER_SLACK = 4096  # room for the JSON header on top of the raw buffers
-MAX_SAMPLES = 10**9
+DOWN_MAGIC = b"FKS\x01"
+UP_MAGIC = b"FKS\x02"
+_DOWN = struct.Struct("<4sBIIII")  # magic, flags, round, K, since, n
+_UP = struct.Struct("<4sBIIfI")  # magic, flags, round, num_samples, train_loss, n
+FLAG_PROBS, FLAG_SPARSE = 1, 2
+FLAG_PRO = 1
+MAX_SAMPLES = 2**32 - 1
+MAX_COUNT = 2**16 - 1
 PROB_TOL = 1e-4
 
 
-def _check_size(data: bytes, limit: int) -> None:
+def index_dtype(k_seeds: int) -> np.dtype:
+    """uint16 indices for pools of up to 65536 seeds, uint32 above."""
+    return np.dtype("<u2") if k_seeds <= 1 << 16 else np.dtype("<u4")
+
+
+def _f32(x: torch.Tensor | np.ndarray) -> bytes:
+    arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+    return np.ascontiguousarray(arr, dtype="<f4").tobytes()
+
+
+class _Reader:
+    """Reads arrays from a payload whose total length was already checked."""
+
+    def __init__(self, data: bytes, offset: int) -> None:
+        self.data, self.offset = data, offset
+
+    def take(self, dtype: np.dtype | str, n: int) -> np.ndarray:
+        dt = np.dtype(dtype)
+        arr = np.frombuffer(self.data, dtype=dt, count=n, offset=self.offset)
+        self.offset += n * dt.itemsize
+        return arr
+
+
+def _check_bytes(data: object, head: struct.Struct, magic: bytes) -> bytes:
     if not isinstance(data, (bytes, bytearray)):
         raise MessageError(f"payload must be bytes, got {type(data).__name__}")
-    if len(data) > limit:
-        raise MessageError(f"payload of {len(data)} bytes exceeds the limit of {limit}")
+    if len(data) < head.size:
+        raise MessageError(f"payload of {len(data)} bytes is shorter than the {head.size}-byte "
+                           "header")
+    if bytes(data[:4]) != magic:
+        raise MessageError(f"wrong magic/version {bytes(data[:4])!r}, expected {magic!r}")
+    return bytes(data)
+
+
+def _check_length(data: bytes, expected: int) -> None:
+    if len(data) != expected:
+        raise MessageError(f"payload is {len(data)} bytes, its header declares {expected}")
+
+
+def _check_indices(index: np.ndarray, k_seeds: int) -> None:
+    if index.size and int(index.max()) >= k_seeds:
+        raise MessageError(f"seed index out of range [0, {k_seeds})")
+    if index.size > 1 and not bool((np.diff(index.astype(np.int64)) > 0).all()):
+        raise MessageError("seed indices must be strictly ascending (no duplicates)")
+
+
+def _check_finite(name: str, values: np.ndarray) -> None:
+    if not bool(np.isfinite(values).all()):
+        raise MessageError(f"{name} holds non-finite values")
 
 
 @dataclass
 class Download:
     round: int
-    accumulators: torch.Tensor  # (K,) float32
+    accumulators: torch.Tensor  # (K,) float32: the change of A since round ``since`` (0: A)
     probs: torch.Tensor | None = None  # (K,) float32, FedKSeed-Pro only
+    since: int = 0
 
     def encode(self) -> bytes:
-        tensors = {"accumulators": self.accumulators.to(torch.float32)}
+        a = self.accumulators.detach().cpu().to(torch.float32).numpy()
+        k = a.size
+        nz = np.flatnonzero(a)
+        idt = index_dtype(k)
+        sparse = nz.size * (idt.itemsize + 4) < 4 * k
+        flags = (FLAG_PROBS if self.probs is not None else 0) | (FLAG_SPARSE if sparse else 0)
+        parts = [_DOWN.pack(DOWN_MAGIC, flags, self.round, k, self.since,
+                            nz.size if sparse else k)]
+        if sparse:
+            parts += [nz.astype(idt).tobytes(), _f32(a[nz])]
+        else:
+            parts.append(_f32(a))
         if self.probs is not None:
-            tensors["probs"] = self.probs.to(torch.float32)
-        meta: dict[str, str | int | float] = {
-            "kind": "fedkseed.download", "round": self.round,
-            "k_seeds": int(self.accumulators.numel())}
-        return _encode(meta, tensors)
-
-    @staticmethod
-    def spec(k_seeds: int, pro: bool) -> TensorSpec:
-        names = ["accumulators", "probs"] if pro else ["accumulators"]
-        return TensorSpec({n: (k_seeds,) for n in names}, {n: torch.float32 for n in names})
+            parts.append(_f32(self.probs))
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, data: bytes, k_seeds: int, pro: bool, *, expect_round: int) -> Download:
-        spec = cls.spec(k_seeds, pro)
-        meta, t = decode_tensors(data, spec, max_bytes=spec.nbytes() + HEADER_SLACK)
-        meta_str(meta, "kind", "fedkseed.download")
-        meta_int(meta, "k_seeds", lo=k_seeds, hi=k_seeds)
-        round_ = meta_int(meta, "round", lo=expect_round, hi=expect_round)
-        probs = t.get("probs")
-        if probs is not None:
-            if bool((probs < 0).any()):
+        data = _check_bytes(data, _DOWN, DOWN_MAGIC)
+        _, flags, round_, k, since, n = _DOWN.unpack_from(data)
+        if flags & ~(FLAG_PROBS | FLAG_SPARSE):
+            raise MessageError(f"unknown download flags {flags:#x}")
+        if round_ != expect_round:
+            raise MessageError(f"download is for round {round_}, expected {expect_round}")
+        if k != k_seeds:
+            raise MessageError(f"download holds K = {k} seeds, this pool has {k_seeds}")
+        if since >= round_:
+            raise MessageError(f"download change since round {since} is not before {round_}")
+        if bool(flags & FLAG_PROBS) != pro:
+            raise MessageError("seed probabilities " + ("missing" if pro else "unexpected"))
+        sparse = bool(flags & FLAG_SPARSE)
+        if n > k or (not sparse and n != k):
+            raise MessageError(f"download declares {n} values for K = {k}")
+        idt = index_dtype(k)
+        _check_length(data, _DOWN.size + (n * (idt.itemsize + 4) if sparse else 4 * k)
+                      + (4 * k if pro else 0))
+        r = _Reader(data, _DOWN.size)
+        a = np.zeros(k, dtype=np.float32)
+        if sparse:
+            index = r.take(idt, n)
+            _check_indices(index, k)
+            a[index.astype(np.int64)] = r.take("<f4", n)
+        else:
+            a[:] = r.take("<f4", k)
+        _check_finite("accumulators", a)
+        probs = None
+        if pro:
+            p = r.take("<f4", k)
+            _check_finite("probabilities", p)
+            if bool((p < 0).any()):
                 raise MessageError("seed probabilities must be >= 0")
-            total = float(probs.double().sum())
+            total = float(p.astype(np.float64).sum())
             if abs(total - 1.0) > PROB_TOL:
                 raise MessageError(f"seed probabilities sum to {total}, not 1")
-        return cls(round_, t["accumulators"], probs)
+            probs = torch.from_numpy(p.copy())
+        return cls(round_, torch.from_numpy(a), probs, since)
 
 
 @dataclass
@@ -88,51 +175,61 @@ class Reply:
     round: int
     num_samples: int
     train_loss: float
-    index: torch.Tensor  # (n,) int32, distinct seed indices into the pool
+    index: torch.Tensor  # (n,) distinct seed indices into the pool
     sum_g: torch.Tensor  # (n,) float32
     sum_abs_clip: torch.Tensor | None = None  # (n,) float32, FedKSeed-Pro only
-    count: torch.Tensor | None = None  # (n,) int32, FedKSeed-Pro only
+    count: torch.Tensor | None = None  # (n,) FedKSeed-Pro only
 
-    def encode(self) -> bytes:
-        tensors = {"index": self.index.to(torch.int32), "sum_g": self.sum_g.to(torch.float32)}
+    def encode(self, k_seeds: int) -> bytes:
+        """Bytes of this reply for a pool of ``k_seeds`` (which fixes the index width)."""
+        order = np.argsort(self.index.cpu().numpy(), kind="stable")
+        index = self.index.cpu().numpy()[order]
+        pro = self.sum_abs_clip is not None and self.count is not None
+        n = index.size
+        parts = [_UP.pack(UP_MAGIC, FLAG_PRO if pro else 0, self.round, self.num_samples,
+                          self.train_loss, n),
+                 index.astype(index_dtype(k_seeds)).tobytes(),
+                 _f32(self.sum_g.cpu().numpy()[order])]
         if self.sum_abs_clip is not None and self.count is not None:
-            tensors["sum_abs_clip"] = self.sum_abs_clip.to(torch.float32)
-            tensors["count"] = self.count.to(torch.int32)
-        meta: dict[str, str | int | float] = {
-            "kind": "fedkseed.reply", "round": self.round, "num_samples": self.num_samples,
-            "train_loss": self.train_loss, "n": int(self.index.numel())}
-        return _encode(meta, tensors)
-
-    @staticmethod
-    def spec(n: int, pro: bool) -> TensorSpec:
-        shapes = {"index": (n,), "sum_g": (n,)}
-        dtypes = {"index": torch.int32, "sum_g": torch.float32}
-        if pro:
-            shapes |= {"sum_abs_clip": (n,), "count": (n,)}
-            dtypes |= {"sum_abs_clip": torch.float32, "count": torch.int32}
-        return TensorSpec(shapes, dtypes)
+            parts += [_f32(self.sum_abs_clip.cpu().numpy()[order]),
+                      self.count.cpu().numpy()[order].astype("<u2").tobytes()]
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, data: bytes, k_seeds: int, pro: bool, clip: float, *,
                expect_round: int) -> Reply:
-        limit = cls.spec(k_seeds, pro).nbytes() + HEADER_SLACK
-        _check_size(data, limit)
-        meta = read_metadata(bytes(data))
-        meta_str(meta, "kind", "fedkseed.reply")
-        round_ = meta_int(meta, "round", lo=expect_round, hi=expect_round)
-        n = meta_int(meta, "n", lo=1, hi=k_seeds)
-        _, t = decode_tensors(data, cls.spec(n, pro), max_bytes=limit)
-        index = t["index"]
-        if bool(((index < 0) | (index >= k_seeds)).any()):
-            raise MessageError(f"seed index out of range [0, {k_seeds})")
-        if int(torch.unique(index).numel()) != n:
-            raise MessageError("duplicate seed indices")
-        sum_abs, count = t.get("sum_abs_clip"), t.get("count")
-        if sum_abs is not None and count is not None:
-            if bool((count < 1).any()):
+        data = _check_bytes(data, _UP, UP_MAGIC)
+        _, flags, round_, num_samples, train_loss, n = _UP.unpack_from(data)
+        if flags & ~FLAG_PRO:
+            raise MessageError(f"unknown reply flags {flags:#x}")
+        if round_ != expect_round:
+            raise MessageError(f"reply is for round {round_}, expected {expect_round}")
+        if bool(flags & FLAG_PRO) != pro:
+            raise MessageError("Pro seed statistics " + ("missing" if pro else "unexpected"))
+        if not 1 <= n <= k_seeds:
+            raise MessageError(f"reply declares {n} seeds; must be in [1, {k_seeds}]")
+        if num_samples < 1:
+            raise MessageError("num_samples must be >= 1")
+        if not np.isfinite(train_loss):
+            raise MessageError(f"train_loss {train_loss} is not finite")
+        idt = index_dtype(k_seeds)
+        _check_length(data, _UP.size + n * (idt.itemsize + 4 + (6 if pro else 0)))
+        r = _Reader(data, _UP.size)
+        index = r.take(idt, n)
+        _check_indices(index, k_seeds)
+        sum_g = r.take("<f4", n)
+        _check_finite("sum_g", sum_g)
+        sum_abs = count = None
+        if pro:
+            sa, cnt = r.take("<f4", n), r.take("<u2", n)
+            _check_finite("sum_abs_clip", sa)
+            if bool((cnt < 1).any()):
                 raise MessageError("every touched seed's count must be >= 1")
-            if bool((sum_abs < 0).any()) or bool(
-                    (sum_abs.double() > clip * count.double() * (1 + 1e-6)).any()):
+            if bool((sa < 0).any()) or bool(
+                    (sa.astype(np.float64) > clip * cnt.astype(np.float64) * (1 + 1e-6)).any()):
                 raise MessageError(f"sum |clip g| must lie in [0, {clip} * count]")
-        return cls(round_, meta_int(meta, "num_samples", lo=1, hi=MAX_SAMPLES),
-                   meta_float(meta, "train_loss"), index, t["sum_g"], sum_abs, count)
+            sum_abs = torch.from_numpy(sa.copy())
+            count = torch.from_numpy(cnt.astype(np.int32))
+        return cls(round_, int(num_samples), float(train_loss),
+                   torch.from_numpy(index.astype(np.int32)), torch.from_numpy(sum_g.copy()),
+                   sum_abs, count)
