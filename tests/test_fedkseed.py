@@ -3,8 +3,8 @@ bit-exact client rebuild, and whole runs through the CLI."""
 
 import hashlib
 import json
-import struct
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from fedtune.cli import main
 from fedtune.configbase import ConfigError
 from fedtune.data.prompts import TokenizedExample
 from fedtune.federation.simulation import InProcessEngine
-from fedtune.wire import MessageError, encode_tensors
+from fedtune.wire import MessageError
 
 # -- FedKSeed-Pro probabilities ------------------------------------------------------------------
 
@@ -97,7 +97,8 @@ def test_server_weighted_mean_of_per_seed_sums_by_hand():
     assert srv.sum_g.tolist() == [2.0, 0.0, 0.0, 8.0]
     # cumulative: round 2 adds to A; a round with no valid reply changes nothing
     srv.begin_round(2)
-    srv.accept(reply(round_=2, n=2, index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode(K))
+    srv.accept(
+        reply(round_=2, n=2, index=(1,), sum_g=(1.0,), abs_clip=(1.0,), count=(1,)).encode(K))
     srv.end_round()
     assert srv.accumulators.tolist() == [0.5, 1.0, -2.0, 6.0]
     srv.begin_round(3)
