@@ -16,4 +16,8 @@ def build_algorithm(cfg: AlgorithmConfig, pad_id: int) -> Algorithm:
         from fedtune.algorithms.fedkseed.algorithm import FedKSeed
 
         return FedKSeed(cfg, pad_id, pro=cfg.name == "fedkseed-pro")
+    if cfg.name == "fedmezo":
+        from fedtune.algorithms.fedmezo.algorithm import FedMeZO
+
+        return FedMeZO(cfg, pad_id)
     raise ValueError(f"unknown algorithm {cfg.name!r}")

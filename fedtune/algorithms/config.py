@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+from fedtune.algorithms.fedmezo.config import FedMeZOConfig
 from fedtune.configbase import check, check_choices, option, section
 
-ALGORITHMS = ("fedavg", "fedit", "fedkseed", "fedkseed-pro")
+ALGORITHMS = ("fedavg", "fedit", "fedkseed", "fedkseed-pro", "fedmezo")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -39,9 +40,11 @@ class AlgorithmConfig:
         "fedavg",
         "Method: 'fedavg' (full-parameter FedAvg, backprop on devices) or 'fedit' (FedAvg over "
         "LoRA adapters, Zhang et al. 2024), 'fedkseed' (zeroth-order full-parameter tuning over a "
-        "pool of K seeds, Qin et al. 2024) or 'fedkseed-pro' (the same with importance-weighted "
-        "seed sampling). The fedkseed methods read [algorithm.fedkseed] and ignore the backprop "
-        "settings below.",
+        "pool of K seeds, Qin et al. 2024), 'fedkseed-pro' (the same with importance-weighted "
+        "seed sampling) or 'fedmezo' (FedIT's LoRA FedAvg, adapters trained on the device by "
+        "MeZO zeroth-order steps with fresh seeds). The fedkseed methods read "
+        "[algorithm.fedkseed], fedmezo reads [algorithm.fedmezo] and [algorithm.lora]; they "
+        "ignore the backprop settings below.",
         ALGORITHMS,
     )
     local_steps: int = option(20, "Optimizer steps each sampled client takes per round.")
@@ -52,9 +55,12 @@ class AlgorithmConfig:
     )
     weight_decay: float = option(0.0, "Decoupled weight decay of the local optimizer.")
     max_grad_norm: float = option(1.0, "Clip the local gradient to this L2 norm; 0 disables.")
-    lora: LoraConfig = section(LoraConfig, "LoRA adapter settings (used by 'fedit').")
+    lora: LoraConfig = section(LoraConfig, "LoRA adapter settings (used by 'fedit', 'fedmezo').")
     fedkseed: FedKSeedConfig = section(
         FedKSeedConfig, "FedKSeed / FedKSeed-Pro settings (used by 'fedkseed', 'fedkseed-pro').")
+    fedmezo: FedMeZOConfig = section(
+        FedMeZOConfig, "FedMeZO settings: MeZO local training of the LoRA adapters (used by "
+                       "'fedmezo').")
 
     def validate(self, prefix: str = "algorithm") -> None:
         check_choices(self, prefix)
@@ -66,3 +72,4 @@ class AlgorithmConfig:
               "must be >= 0")
         self.lora.validate(f"{prefix}.lora")
         self.fedkseed.validate(f"{prefix}.fedkseed")
+        self.fedmezo.validate(f"{prefix}.fedmezo")
