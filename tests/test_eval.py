@@ -217,3 +217,15 @@ def test_eval_config_errors_name_the_key(field: str, value: int) -> None:
         cfg.validate("eval")
     assert info.value.key == f"eval.{field}" and info.value.value == value
 
+
+
+def test_fit_context_left_truncates_to_the_model_positions():
+    from types import SimpleNamespace
+
+    from fedtune.eval.generation import fit_context
+
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=10))
+    out = fit_context(model, [list(range(12)), [1, 2]], max_new_tokens=4)  # type: ignore[arg-type]
+    assert out == [list(range(6, 12)), [1, 2]]
+    with pytest.raises(ValueError, match="no room"):
+        fit_context(model, [[1]], max_new_tokens=10)  # type: ignore[arg-type]

@@ -13,16 +13,22 @@ Generation config (the same for every method, so Rouge-L numbers are comparable)
 * batches are LEFT-padded (every row's last prompt token at the end) with the attention mask
   passed, so a prompt's output does not depend on the batch it is in;
 * ``pad_token_id`` and ``eos_token_id`` are passed explicitly;
-* only the new tokens are returned, decoded with ``skip_special_tokens=True`` and stripped.
+* only the new tokens are returned, decoded with ``skip_special_tokens=True`` and stripped;
+* a prompt longer than the model's context leaves room for the new tokens by losing its oldest
+  tokens (left truncation keeps the "### Response:" cue the answer follows); the number of
+  prompts cut is logged.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -52,6 +58,23 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
     return ids
 
 
+def fit_context(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]],
+                max_new_tokens: int) -> list[list[int]]:
+    """Left-truncate prompts so prompt + ``max_new_tokens`` fits the model's positions."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return [list(ids) for ids in prompt_ids]
+    keep = limit - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {limit} positions")
+    cut = sum(len(ids) > keep for ids in prompt_ids)
+    if cut:
+        log.warning("%d of %d prompts are longer than the %d tokens the model's context leaves "
+                    "them; their oldest tokens were dropped", cut, len(prompt_ids), keep)
+    return [list(ids)[-keep:] for ids in prompt_ids]
+
+
 @torch.no_grad()
 def greedy_generate_ids(
     model: PreTrainedModel,
@@ -70,6 +93,7 @@ def greedy_generate_ids(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     pad_id, eos_id = _special_ids(tokenizer)
+    prompt_ids = fit_context(model, prompt_ids, max_new_tokens)
     was_training = model.training
     padding_side = tokenizer.padding_side
     outputs: list[str] = []

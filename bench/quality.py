@@ -1,0 +1,107 @@
+"""Quality at equal rounds: Rouge-L before and after for FedKSeed, FedKSeed-Pro, FedMeZO, FedIT.
+
+    python -m bench.quality [--json] [--rounds 5] [--model fedtune/base_models/small]
+
+The Dolly protocol of the FedKSeed paper, scaled to a 2-core CPU: summarization held out for
+evaluation, the other categories over 200 clients by Dirichlet(0.5), the same clients sampled in
+every method's round (same federation seed), the same eval subset, greedy decoding, Rouge-L F.
+Every method runs through ``fedtune.runner.run`` exactly as ``fedtune run`` would, from the same
+base model; the per-method settings are in ``METHODS`` below (the zeroth-order methods take
+their paper's batch size 1 and many more, cheaper, steps than the backprop baseline).
+Needs ``../shared/data/dolly`` beside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import load_config
+from fedtune.runner import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DOLLY = ROOT.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl.gz"
+
+PROTOCOL = [
+    "data.format=dolly", "data.heldout_category=summarization", "data.partition=dirichlet",
+    "data.num_clients=200", "data.alpha=0.5", "data.max_length=256",
+    "output.plots=false", "output.save_model=false", "output.checkpoint=false",
+    "evaluation.loss_interval=0", "evaluation.rouge_interval=0",
+]
+
+METHODS: dict[str, list[str]] = {
+    "fedkseed": ["algorithm.name=fedkseed", "algorithm.fedkseed.k_seeds=1024",
+                 "algorithm.fedkseed.tau=50", "algorithm.fedkseed.lr=1e-4"],
+    "fedkseed-pro": ["algorithm.name=fedkseed-pro", "algorithm.fedkseed.k_seeds=1024",
+                     "algorithm.fedkseed.tau=50", "algorithm.fedkseed.lr=1e-4"],
+    "fedmezo": ["algorithm.name=fedmezo", "algorithm.fedmezo.tau=50",
+                "algorithm.fedmezo.batch_size=1"],
+    "fedit": ["algorithm.name=fedit", "algorithm.local_steps=10", "algorithm.batch_size=4",
+              "algorithm.lr=3e-4"],
+}
+
+
+def quality(model: str, rounds: int, clients_per_round: int, eval_examples: int,
+            max_new_tokens: int, methods: list[str] | None = None,
+            extra: list[str] | None = None) -> dict[str, Any]:
+    """Run every method on the protocol; {method: Rouge-L and eval loss before/after, bytes}."""
+    if not DOLLY.is_file():
+        raise FileNotFoundError(f"{DOLLY} is missing: the quality benchmark needs Dolly-15k")
+    common = PROTOCOL + [
+        f"data.path={json.dumps(str(DOLLY))}", f"model.path={json.dumps(model)}",
+        f"federation.rounds={rounds}", f"federation.clients_per_round={clients_per_round}",
+        f"evaluation.max_examples={eval_examples}", f"evaluation.max_new_tokens={max_new_tokens}",
+    ] + (extra or [])
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in methods or list(METHODS):
+            cfg = load_config(None, common + METHODS[name])
+            t0 = time.perf_counter()
+            s = run(cfg, Path(tmp) / name, progress=False)
+            out[name] = {"rougeL_before": s["base"]["rougeL"], "rougeL_after": s["final"]["rougeL"],
+                         "eval_loss_before": s["base"]["eval_loss"],
+                         "eval_loss_after": s["final"]["eval_loss"],
+                         "bytes_per_client_round": s["bytes"]["up_per_client_round"]
+                         + s["bytes"]["down_per_client_round"],
+                         "wall_s": time.perf_counter() - t0,
+                         "settings": METHODS[name]}
+    return {"protocol": {"data": "dolly-15k, summarization held out, 200 clients, Dirichlet 0.5",
+                         "model": model, "rounds": rounds, "clients_per_round": clients_per_round,
+                         "eval_examples": eval_examples, "max_new_tokens": max_new_tokens},
+            "methods": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--model", default=str(ROOT / "fedtune" / "base_models" / "small"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--clients-per-round", type=int, default=5)
+    ap.add_argument("--eval-examples", type=int, default=50)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    r = quality(args.model, args.rounds, args.clients_per_round, args.eval_examples,
+                args.max_new_tokens, args.methods.split(","))
+    if args.json:
+        print(json.dumps(r, indent=1))
+    else:
+        print(f"{'method':<14} {'Rouge-L before':>14} {'after':>8} {'loss before':>11} "
+              f"{'after':>8} {'B/client/round':>14} {'wall s':>7}")
+        for name, m in r["methods"].items():
+            print(f"{name:<14} {m['rougeL_before']:>14.4f} {m['rougeL_after']:>8.4f} "
+                  f"{m['eval_loss_before']:>11.4f} {m['eval_loss_after']:>8.4f} "
+                  f"{m['bytes_per_client_round']:>14.0f} {m['wall_s']:>7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
