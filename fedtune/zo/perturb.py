@@ -19,20 +19,45 @@ eps (ε) the perturbation scale, g the projected gradient, lr the learning rate.
 Precision: the ±εz perturb/restore is exact only up to rounding, and at ZO learning rates (1e-7)
 most single updates vanish in fp16/bf16. Every master weight these functions change must be
 float32; the functions refuse anything else rather than silently drift.
+
+Speed (none of this changes a single bit of the result):
+
+* **Parallel over parameters.** The streams of different parameters are independent, so
+  :func:`perturb_`, :func:`restore_and_update_`, :func:`replay_` and :func:`fill_z_` hand one
+  task per parameter to a small thread pool (``workers``, default ``torch.get_num_threads()``;
+  torch releases the GIL inside ``normal_`` / ``add_``). Each parameter is still computed by
+  exactly the same sequence of operations as sequentially, so the result is bitwise the same for
+  any number of workers.
+* **Chunked, cache-resident draws.** On CPU a parameter's stream is drawn ``CHUNK`` values at a
+  time into a small per-thread scratch buffer and added at once, so z never exists in full and
+  never travels through main memory. torch's CPU ``normal_`` fills a float32 tensor of n >= 16
+  values from n uniforms in blocks of 16 (redrawing the last 16 when n is not a multiple of 16),
+  so consecutive draws of sizes that are multiples of 16 (the last one >= 16) consume the
+  generator exactly as one draw of the whole does and give the same values. This is checked once
+  per process on a small case (:func:`chunked_draws_exact`); if a torch version ever broke it,
+  the functions fall back to whole-parameter draws. ``CHUNK`` < torch's intra-op grain size
+  (32768), so the per-chunk ``add_`` never spawns intra-op threads from inside a pool thread.
+* **Replay** keeps, per parameter, one generator per seed and walks the parameter chunk by chunk:
+  acc = Σ_s c_s z(s) (seeds ascending) is built for one chunk in cache, then added to θ. Same
+  additions in the same order as a whole-parameter accumulator, without the full-size buffer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from functools import lru_cache
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
 
 GENERATOR_VERSION = 1
+CHUNK = 32752  # a multiple of 16; CHUNK + 15 <= 32768, torch's intra-op grain size
+_MIN_TAIL = 16  # a chunk shorter than this would take normal_'s scalar path: merge it
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=1 << 18)
 def param_seed(seed: int, index: int) -> int:
     """The 63-bit seed of the stream of parameter ``index`` under pool seed ``seed``."""
     if seed < 0 or index < 0:
@@ -41,10 +66,81 @@ def param_seed(seed: int, index: int) -> int:
     return int(state) >> 1
 
 
+def _generator(seed: int, index: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(param_seed(seed, index))
+
+
 def z_for(seed: int, index: int, shape: Sequence[int] | torch.Size) -> torch.Tensor:
     """z(seed) restricted to parameter ``index``: float32 on the CPU, of ``shape``."""
-    gen = torch.Generator("cpu").manual_seed(param_seed(seed, index))
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    return torch.randn(tuple(shape), generator=_generator(seed, index), dtype=torch.float32)
+
+
+# -- execution helpers -------------------------------------------------------------------------
+
+def chunk_bounds(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """[start, end) ranges covering 0..n: ``chunk`` long, the last merged if shorter than 16."""
+    if chunk % 16:
+        raise ValueError(f"chunk must be a multiple of 16, got {chunk}")
+    bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < _MIN_TAIL:
+        (a, _), (_, b) = bounds[-2], bounds.pop()
+        bounds[-1] = (a, b)
+    return bounds
+
+
+@lru_cache(maxsize=1)
+def chunked_draws_exact() -> bool:
+    """Whether chunked ``normal_`` draws equal one whole draw on this torch (checked once)."""
+    for n in (3 * 48 + 5, 2 * 48 + 21, 64, 20):  # a merged tail, a long odd tail, even, one
+        whole = z_for(12345, 6, (n,))
+        gen, part = _generator(12345, 6), torch.empty(n)
+        for a, b in chunk_bounds(n, 48):
+            part[a:b].normal_(generator=gen)
+        if not torch.equal(whole, part):
+            return False
+    return True
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, slot: int = 0) -> torch.Tensor:
+    """A per-thread float32 buffer of at least ``n`` values (slot 0: z, slot 1: accumulator)."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.numel() < n:
+        buf = bufs[slot] = torch.empty(max(n, CHUNK + _MIN_TAIL), dtype=torch.float32)
+    return buf[:n]
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The process-wide pool of ``workers`` threads (one per size asked for, never shut down)."""
+    with _pools_lock:
+        pool = _pools.get(workers)
+        if pool is None:
+            pool = _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="fedtune-zo")
+        return pool
+
+
+def _run(tasks: Sequence[tuple[int, Callable[[], None]]], workers: int | None) -> None:
+    """Run (size, task) pairs: sequentially, or on ``workers`` threads, largest first."""
+    n = torch.get_num_threads() if workers is None else workers
+    if n < 1:
+        raise ValueError(f"workers must be >= 1, got {n}")
+    if n == 1 or len(tasks) <= 1:
+        for _, task in tasks:
+            task()
+        return
+    ordered = sorted(tasks, key=lambda t: -t[0])  # longest first: balanced finish
+    futures = [_executor(n).submit(task) for _, task in ordered]
+    for f in futures:
+        f.result()  # re-raises a task's exception
 
 
 def _check_fp32(params: Sequence[torch.Tensor]) -> None:
@@ -54,45 +150,113 @@ def _check_fp32(params: Sequence[torch.Tensor]) -> None:
                             "float32 (see fedtune.zo.perturb)")
 
 
-def _z_like(seed: int, index: int, p: torch.Tensor) -> torch.Tensor:
-    return z_for(seed, index, p.shape).to(p.device)
+def _chunkable(p: torch.Tensor) -> bool:
+    return p.device.type == "cpu" and p.is_contiguous() and chunked_draws_exact()
+
+
+# -- the in-place operations --------------------------------------------------------------------
+
+@torch.no_grad()  # grad mode is per thread: set it in the worker
+def _perturb_one(p: torch.Tensor, seed: int, index: int, scale: float) -> None:
+    if not _chunkable(p):
+        p.add_(z_for(seed, index, p.shape).to(p.device), alpha=scale)
+        return
+    gen, flat = _generator(seed, index), p.view(-1)
+    for a, b in chunk_bounds(flat.numel()):
+        z = _scratch(b - a)
+        z.normal_(generator=gen)
+        flat[a:b].add_(z, alpha=scale)
 
 
 @torch.no_grad()
-def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
-    """θ ← θ + scale · z(seed), in place, one parameter at a time (one z slice in memory)."""
+def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
+             workers: int | None = None) -> None:
+    """θ ← θ + scale · z(seed), in place, in parallel over parameters (bitwise as sequential).
+
+    z is drawn a chunk at a time into a per-thread scratch buffer: no full-size z in memory.
+    """
     _check_fp32(params)
-    for i, p in enumerate(params):
-        p.add_(_z_like(seed, i, p), alpha=scale)
+    _run([(p.numel(), partial(_perturb_one, p, seed, i, scale))
+          for i, p in enumerate(params)], workers)
 
 
 @torch.no_grad()
 def restore_and_update_(params: Sequence[torch.Tensor], seed: int, eps: float, lr: float,
-                        g: float) -> None:
+                        g: float, *, workers: int | None = None) -> None:
     """θ ← θ + (ε − lr·g) · z(seed): undo the −ε perturbation and take the step in one pass.
 
     Called with θ at θ₀ − εz, this leaves θ₀ − lr·g·z (up to fp32 rounding), saving one full
     generation of z per step against a separate restore and update.
     """
-    perturb_(params, seed, eps - lr * g)
+    perturb_(params, seed, eps - lr * g, workers=workers)
+
+
+@torch.no_grad()  # grad mode is per thread: set it in the worker
+def _replay_one(p: torch.Tensor, index: int, seeds: Sequence[int],
+                coeffs: Sequence[float]) -> None:
+    if not _chunkable(p):
+        acc = torch.zeros(p.shape, dtype=torch.float32)
+        for s, c in zip(seeds, coeffs, strict=True):
+            acc.add_(z_for(s, index, p.shape), alpha=c)
+        p.add_(acc.to(p.device))
+        return
+    gens = [_generator(s, index) for s in seeds]
+    flat = p.view(-1)
+    for a, b in chunk_bounds(flat.numel()):
+        z, acc = _scratch(b - a, 0), _scratch(b - a, 1)
+        acc.zero_()
+        for gen, c in zip(gens, coeffs, strict=True):
+            z.normal_(generator=gen)
+            acc.add_(z, alpha=c)
+        flat[a:b].add_(acc)
 
 
 @torch.no_grad()
-def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float]) -> None:
-    """θ ← θ + Σ_s coeffs[s] · z(s), fused per parameter.
+def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], *,
+            workers: int | None = None) -> None:
+    """θ ← θ + Σ_s coeffs[s] · z(s), fused per parameter, in parallel over parameters.
 
     For each parameter, acc = Σ_s c_s z(s)_i is accumulated in float32 over the seeds in
     ascending order (so the result does not depend on the mapping's order: two replays of the
-    same coefficients are bitwise equal), then added to θ once. Seeds with a zero coefficient
-    are skipped (they add exactly nothing). FedKSeed calls this with c_j = −lr · A_j.
-    Memory: one float32 buffer the size of the largest parameter.
+    same coefficients are bitwise equal, whatever ``workers``), then added to θ once. Seeds with
+    a zero coefficient are skipped (they add exactly nothing). FedKSeed calls this with
+    c_j = −lr · A_j. Memory: two chunk-sized buffers and one generator per seed per thread.
     """
     _check_fp32(params)
     seeds = sorted(s for s, c in coeffs.items() if c != 0.0)
     if not seeds:
         return
-    for i, p in enumerate(params):
-        acc = torch.zeros(p.shape, dtype=torch.float32)
-        for s in seeds:
-            acc.add_(z_for(s, i, p.shape), alpha=float(coeffs[s]))
-        p.add_(acc.to(p.device))
+    cs = [float(coeffs[s]) for s in seeds]
+    _run([(p.numel(), partial(_replay_one, p, i, seeds, cs))
+          for i, p in enumerate(params)], workers)
+
+
+# -- keep-z mode: z drawn once, applied several times ---------------------------------------------
+
+def new_z_buffer(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialised float32 buffers shaped like ``params`` (on their devices), for z(s)."""
+    return [torch.empty(p.shape, dtype=torch.float32, device=p.device) for p in params]
+
+
+@torch.no_grad()  # grad mode is per thread: set it in the worker
+def _fill_one(buf: torch.Tensor, seed: int, index: int) -> None:
+    if buf.device.type == "cpu" and buf.is_contiguous():
+        buf.normal_(generator=_generator(seed, index))  # exactly torch.randn(shape, generator)
+    else:
+        buf.copy_(z_for(seed, index, buf.shape))
+
+
+@torch.no_grad()
+def fill_z_(buffers: Sequence[torch.Tensor], seed: int, *, workers: int | None = None) -> None:
+    """buffers[i] ← z(seed)_i (bitwise :func:`z_for`), in parallel over parameters."""
+    _check_fp32(buffers)
+    _run([(b.numel(), partial(_fill_one, b, seed, i)) for i, b in enumerate(buffers)],
+         workers)
+
+
+@torch.no_grad()
+def add_z_(params: Sequence[torch.Tensor], z: Sequence[torch.Tensor], scale: float) -> None:
+    """θ ← θ + scale · z for a z held in memory (bitwise as :func:`perturb_` with its seed)."""
+    _check_fp32(params)
+    for p, zi in zip(params, z, strict=True):
+        p.add_(zi, alpha=scale)

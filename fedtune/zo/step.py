@@ -6,18 +6,26 @@
     θ ← θ + (ε − lr·g) z                   restore and SGD update fused in one pass
 
 with z = z(seed) from :mod:`fedtune.zo.perturb`. The model must be in ``eval()`` mode so both
-forward passes see the same function (no dropout). Three generations of z per step and no copy of
-the model: memory stays at inference level, as in MeZO.
+forward passes see the same function (no dropout).
+
+Two modes, bitwise identical results (same z values, same ``add_`` with the same scalars):
+
+* default: three generations of z per step (drawn chunk by chunk, never held in full), no copy
+  of the model: memory stays at inference level, as in MeZO;
+* ``keep_z=True``: z is drawn once per step into a float32 buffer the size of the trainable
+  parameters (pass ``z_buffer=new_z_buffer(params)`` to reuse one across steps) and the three
+  updates read it: one generation per step instead of three, for one extra copy of the
+  trainable parameters in memory.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from fedtune.zo.perturb import perturb_, restore_and_update_
+from fedtune.zo.perturb import add_z_, fill_z_, new_z_buffer, perturb_
 
 
 @torch.no_grad()
@@ -29,24 +37,46 @@ def zo_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
 @torch.no_grad()
 def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
             batch: Mapping[str, torch.Tensor], seed: int, eps: float, lr: float,
-            losses: list[float] | None = None) -> float | None:
+            losses: list[float] | None = None, *, keep_z: bool = False,
+            z_buffer: Sequence[torch.Tensor] | None = None,
+            workers: int | None = None) -> float | None:
     """One ZO-SGD step on ``params`` (the model's trainable parameters, in index order).
 
     Returns g, or None when L⁺ or L⁻ is not finite: then θ is restored with +εz and nothing is
     updated (the step is skipped). If ``losses`` is given, (L⁺ + L⁻) / 2 of a taken step is
     appended to it, for the reported train loss.
+
+    ``keep_z``: draw z once and keep it (see the module doc); ``z_buffer`` (shaped like
+    ``params``, float32, from :func:`~fedtune.zo.perturb.new_z_buffer`) avoids allocating it
+    every step and implies ``keep_z``. ``workers``: threads for drawing z (default
+    ``torch.get_num_threads()``). Neither changes a single bit of the result.
     """
     if model.training:
         raise RuntimeError("zo_step needs the model in eval() mode (dropout off)")
-    perturb_(params, seed, eps)
+    if keep_z or z_buffer is not None:
+        z = list(z_buffer) if z_buffer is not None else new_z_buffer(params)
+        if len(z) != len(params) or any(
+                a.shape != b.shape for a, b in zip(z, params, strict=True)):
+            raise ValueError("z_buffer must hold one tensor shaped like each parameter")
+        fill_z_(z, seed, workers=workers)
+        return _two_point(model, batch, eps, lr, losses,
+                          lambda scale: add_z_(params, z, scale))
+    return _two_point(model, batch, eps, lr, losses,
+                      lambda scale: perturb_(params, seed, scale, workers=workers))
+
+
+def _two_point(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], eps: float, lr: float,
+               losses: list[float] | None, move: Callable[[float], None]) -> float | None:
+    """The step itself, ``move(scale)`` adding scale·z in place."""
+    move(eps)
     loss_plus = zo_loss(model, batch)
-    perturb_(params, seed, -2.0 * eps)
+    move(-2.0 * eps)
     loss_minus = zo_loss(model, batch)
     if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-        perturb_(params, seed, eps)
+        move(eps)
         return None
     g = (loss_plus - loss_minus) / (2.0 * eps)
-    restore_and_update_(params, seed, eps, lr, g)
+    move(eps - lr * g)  # restore and update fused, as restore_and_update_
     if losses is not None:
         losses.append(0.5 * (loss_plus + loss_minus))
     return g

@@ -1,0 +1,461 @@
+"""FedKSeed benchmark: step time, replay throughput, peak memory and bytes on the wire.
+
+    python -m bench.fedkseed            a readable table
+    python -m bench.fedkseed --json     the figures as one JSON object
+    python -m bench.fedkseed --quick    a small model and few repeats (smoke test, seconds)
+
+Model: a Llama-style model of ~10.5M parameters (d 256, 8 layers, 8 heads, FFN 688, vocab 8192,
+untied embeddings; random weights), batch 8 x 128 tokens, float32, ``eval()``. Timings are taken
+side by side in one process, the variants interleaved within every repeat, and reported as
+medians; a ratio is the median over repeats of the ratio of the two times taken in that repeat
+(robust to a machine whose load changes during the run). Peak memory is measured per operation in
+a fresh subprocess (see :func:`memory_peak`).
+
+Targets (the issue's): ZO step <= 1.25 x two forward passes; replay >= 0.8 x the raw throughput of
+the generator alone; ZO step peak memory <= 1.15 x an inference forward; <= 17,988 bytes per
+client per round at K=4096, tau=200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import inspect
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import date
+from typing import Any
+
+import numpy as np
+import torch
+
+TARGET_STEP = 1.25
+TARGET_REPLAY = 0.8
+TARGET_MEMORY = 1.15
+PAPER_BYTES = 4 * 4096 + 8 * 200 + 4  # 17,988
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    ffn: int
+    batch: int
+    seq: int
+    repeats: int
+    replay_seeds: int  # seeds in a throughput measurement (repeated)
+    replay_pool: int  # seeds of the one fused-vs-naive replay (1024 in the issue)
+
+
+FULL = Setup("10.5M Llama", 8192, 256, 8, 8, 688, 8, 128, 7, 16, 1024)
+QUICK = Setup("quick 0.3M Llama", 1024, 64, 2, 4, 172, 2, 32, 3, 4, 16)
+
+
+# -- model and batch ------------------------------------------------------------------------------
+
+def build_model(s: Setup) -> torch.nn.Module:
+    from transformers import LlamaForCausalLM
+
+    from fedtune.models.tiny import tiny_llama_config
+
+    cfg = tiny_llama_config(s.vocab, hidden_size=s.hidden, num_layers=s.layers,
+                            num_heads=s.heads, max_positions=max(512, s.seq), pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2)
+    cfg.intermediate_size = s.ffn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    return model.eval()
+
+
+def make_batch(s: Setup) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, s.vocab, (s.batch, s.seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def trainable(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _interleaved(cases: Mapping[str, Callable[[], object]], repeats: int
+                 ) -> dict[str, list[float]]:
+    for fn in cases.values():  # warm-up (lazy init, allocator)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for k, fn in cases.items():
+            times[k].append(_timed(fn))
+    return times
+
+
+def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+
+# -- 1. step time ---------------------------------------------------------------------------------
+
+def bench_step(s: Setup) -> dict[str, Any]:
+    from fedtune.zo import new_z_buffer, zo_loss, zo_step
+
+    model, batch = build_model(s), make_batch(s)
+    params = trainable(model)
+    zbuf = new_z_buffer(params)
+    seeds = iter(range(10**9))
+
+    def step(**kw: Any) -> Callable[[], object]:
+        return lambda: zo_step(model, params, batch, next(seeds), 5e-4, 1e-7, **kw)
+
+    cases = {
+        "two_forwards": lambda: (zo_loss(model, batch), zo_loss(model, batch)),
+        "zo_step_default": step(),
+        "zo_step_keep_z": step(keep_z=True, z_buffer=zbuf),
+        "zo_step_keep_z_alloc": step(keep_z=True),
+        "zo_step_default_1_worker": step(workers=1),
+    }
+    times = _interleaved(cases, s.repeats)
+    out: dict[str, Any] = {"median_s": {k: statistics.median(v) for k, v in times.items()}}
+    out["ratio_vs_two_forwards"] = {k: _ratio(times, k, "two_forwards")
+                                    for k in cases if k != "two_forwards"}
+    out["target"] = TARGET_STEP
+    return out
+
+
+# -- 2. replay ------------------------------------------------------------------------------------
+
+def _raw_generation(params: list[torch.Tensor], seeds: list[int], workers: int) -> None:
+    """The generator alone: every z(s)_i drawn into a preallocated buffer, nothing applied."""
+    from fedtune.zo.perturb import param_seed
+
+    def one(i: int, shape: torch.Size) -> None:
+        buf = torch.empty(shape)
+        for s in seeds:
+            buf.normal_(generator=torch.Generator().manual_seed(param_seed(s, i)))
+
+    tasks = sorted(enumerate(p.shape for p in params), key=lambda t: -t[1].numel())
+    if workers == 1:
+        for i, shape in tasks:
+            one(i, shape)
+    else:
+        with ThreadPoolExecutor(workers) as ex:
+            for f in [ex.submit(one, i, shape) for i, shape in tasks]:
+                f.result()
+
+
+def _naive_replay(params: list[torch.Tensor], coeffs: dict[int, float]) -> None:
+    """Seed by seed: generate z over all parameters and add it (perturb_ per seed)."""
+    from fedtune.zo import perturb_
+
+    for s in sorted(coeffs):
+        perturb_(params, s, coeffs[s])
+
+
+def _naive_replay_v0(params: list[torch.Tensor], coeffs: dict[int, float]) -> None:
+    """Seed by seed with the previous perturb_: a fresh z tensor per parameter, sequential."""
+    from fedtune.zo import z_for
+
+    with torch.no_grad():
+        for s in sorted(coeffs):
+            for i, p in enumerate(params):
+                p.add_(z_for(s, i, p.shape), alpha=coeffs[s])
+
+
+def bench_replay(s: Setup) -> dict[str, Any]:
+    from fedtune.algorithms.fedkseed.replay import seed_pool
+    from fedtune.zo import replay_
+
+    model = build_model(s)
+    params = trainable(model)
+    n = sum(p.numel() for p in params)
+    workers = torch.get_num_threads()
+    pool = seed_pool(0, 4096)
+    rng = np.random.default_rng(0)
+
+    def coeffs(k: int) -> dict[int, float]:
+        return {pool[j]: float(c) for j, c in zip(range(k), 1e-7 * rng.standard_normal(k),
+                                                   strict=True)}
+
+    few = coeffs(s.replay_seeds)
+    seeds = sorted(few)
+    cases = {
+        "raw_generator_parallel": lambda: _raw_generation(params, seeds, workers),
+        "raw_generator_1_thread": lambda: _raw_generation(params, seeds, 1),
+        "replay_fused_parallel": lambda: replay_(params, few),
+        "replay_fused_1_worker": lambda: replay_(params, few, workers=1),
+    }
+    times = _interleaved(cases, s.repeats)
+    values = n * len(few)
+    out: dict[str, Any] = {
+        "values_per_run": values,
+        "throughput_mvalues_per_s": {k: values / statistics.median(v) / 1e6
+                                     for k, v in times.items()},
+        "replay_vs_raw_parallel": 1 / _ratio(times, "replay_fused_parallel",
+                                             "raw_generator_parallel"),
+        "replay_vs_raw_1_thread": 1 / _ratio(times, "replay_fused_parallel",
+                                             "raw_generator_1_thread"),
+        "replay_1_worker_vs_raw_1_thread": 1 / _ratio(times, "replay_fused_1_worker",
+                                                      "raw_generator_1_thread"),
+        "target": TARGET_REPLAY,
+    }
+    if s.replay_pool <= 0:
+        return out
+    # one replay of the whole pool, fused against naive (each once: minutes on the full model)
+    big = coeffs(s.replay_pool)
+    t_fused = _timed(lambda: replay_(params, big))
+    t_naive = _timed(lambda: _naive_replay(params, big))
+    t_v0 = _timed(lambda: _naive_replay_v0(params, big))
+    out["pool"] = {"seeds": len(big), "fused_s": t_fused, "naive_perturb_per_seed_s": t_naive,
+                   "naive_v0_sequential_s": t_v0, "speedup_vs_naive": t_naive / t_fused,
+                   "speedup_vs_naive_v0": t_v0 / t_fused}
+    return out
+
+
+# -- 3. peak memory -------------------------------------------------------------------------------
+
+MEMORY_OPS = ("inference_forward", "zo_step_default", "zo_step_keep_z", "fedit_lora_step",
+              "fedavg_full_step")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _release() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def memory_worker(s: Setup, op: str) -> dict[str, int]:
+    """Run ``op`` twice (warm-up, then measured) in this fresh process; bytes above the runtime.
+
+    Peak = VmHWM during the measured run (reset through /proc/self/clear_refs) minus the RSS of
+    the process before the model was built (after a micro model's forward and backward warmed up
+    the libraries), so it counts weights, activations, buffers, grads and optimizer state, not
+    the Python/torch runtime. The parent sets MALLOC_MMAP_THRESHOLD_ so
+    freed tensors go back to the OS and RSS follows live memory.
+    """
+    from fedtune.algorithms.fedavg.client import local_train
+    from fedtune.data.prompts import TokenizedExample
+    from fedtune.zo import new_z_buffer, zo_loss, zo_step
+
+    if op == "fedit_lora_step":
+        import peft  # noqa: F401  (library import and init are runtime, not the step's memory)
+    micro = Setup("micro", 64, 16, 1, 2, 32, 2, 8, 1, 1, 1)
+    warm = build_model(micro).train()
+    warm(**make_batch(micro)).loss.backward()  # lazy library init (BLAS, oneDNN, autograd)
+    del warm
+    _release()
+    base = _status("VmRSS")
+    model, batch = build_model(s), make_batch(s)
+    run: Callable[[], object]
+    if op == "inference_forward":
+        def run() -> object:
+            return zo_loss(model, batch)
+    elif op.startswith("zo_step"):
+        params = trainable(model)
+        zbuf = new_z_buffer(params) if op == "zo_step_keep_z" else None
+
+        def run() -> object:
+            return zo_step(model, params, batch, 3, 5e-4, 1e-7, z_buffer=zbuf)
+    else:
+        if op == "fedit_lora_step":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                     target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"))
+        else:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        examples = [TokenizedExample(row.tolist(), row.tolist()) for row in batch["input_ids"]]
+        bparams = [p for p in model.parameters() if p.requires_grad]
+
+        def run() -> object:
+            return local_train(model, bparams, examples, steps=1, batch_size=s.batch, lr=1e-3,
+                               optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0,
+                               pad_id=0, seed=0)
+    run()
+    _release()
+    rss_before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark
+    run()
+    peak = _status("VmHWM")
+    return {"peak_bytes": peak - base, "resident_before_bytes": rss_before - base,
+            "increment_bytes": peak - rss_before}
+
+
+def memory_peak(s: Setup, quick: bool) -> dict[str, Any]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    res: dict[str, Any] = {}
+    for op in MEMORY_OPS:
+        cmd = [sys.executable, "-m", "bench.fedkseed", "--memory-worker", op]
+        if quick:
+            cmd.append("--quick")
+        cmd += ["--threads", str(torch.get_num_threads())]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        res[op] = json.loads(out.stdout.strip().splitlines()[-1])
+    ref = res["inference_forward"]["peak_bytes"]
+    return {"ops": res,
+            "ratio_vs_inference_forward": {op: res[op]["peak_bytes"] / ref
+                                           for op in MEMORY_OPS if op != "inference_forward"},
+            "target": TARGET_MEMORY}
+
+
+# -- 4. bytes on the wire -------------------------------------------------------------------------
+
+def measure_bytes(k: int = 4096, tau: int = 200, seed: int = 0) -> dict[str, int]:
+    """Bytes of one client's round, from the encoded FedKSeed messages (fedkseed.wire).
+
+    Download: the full accumulator vector, K float32. Upload: τ seed draws from the pool of K,
+    Σ g per distinct seed. Kept self-contained: adapt it here when the wire API changes.
+    """
+    from fedtune.algorithms.fedkseed.wire import Download, Reply
+
+    rng = np.random.default_rng(seed)
+    accumulators = torch.from_numpy(rng.standard_normal(k).astype(np.float32))
+    down = Download(round=12, accumulators=accumulators).encode()
+    sums: dict[int, float] = {}
+    for j, g in zip(rng.integers(0, k, size=tau), rng.standard_normal(tau) * 50, strict=True):
+        sums[int(j)] = sums.get(int(j), 0.0) + float(g)
+    idx = sorted(sums)
+    reply = Reply(12, num_samples=75, train_loss=2.3456789,
+                  index=torch.tensor(idx, dtype=torch.int32),
+                  sum_g=torch.tensor([sums[j] for j in idx], dtype=torch.float32))
+    # the compact wire format needs K (it fixes the index width); the safetensors one did not
+    up = reply.encode(k) if "k_seeds" in inspect.signature(reply.encode).parameters \
+        else reply.encode()  # type: ignore[call-arg]
+    return {"k": k, "tau": tau, "distinct_seeds": len(idx), "download_bytes": len(down),
+            "upload_bytes": len(up), "total_bytes": len(down) + len(up),
+            "paper_bytes": 4 * k + 8 * tau + 4}
+
+
+# -- driver ---------------------------------------------------------------------------------------
+
+def _machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def run_all(quick: bool, sections: list[str]) -> dict[str, Any]:
+    s = QUICK if quick else FULL
+    res: dict[str, Any] = {"date": date.today().isoformat(), "machine": _machine(),
+                           "load_avg_start": os.getloadavg(), "setup": s.__dict__}
+    res["setup"]["params"] = sum(p.numel() for p in build_model(s).parameters())
+    if "step" in sections:
+        res["step"] = bench_step(s)
+    if "replay" in sections:
+        res["replay"] = bench_replay(s)
+    if "memory" in sections:
+        res["memory"] = memory_peak(s, quick)
+    if "bytes" in sections:
+        b = measure_bytes(4096, 200)
+        res["bytes"] = b | {"ratio_vs_paper": b["total_bytes"] / PAPER_BYTES}
+    res["load_avg_end"] = os.getloadavg()
+    return res
+
+
+def _table(r: dict[str, Any]) -> str:
+    lines = [f"FedKSeed benchmark, {r['date']}, {r['setup']['name']} "
+             f"({r['setup']['params'] / 1e6:.2f}M params), batch {r['setup']['batch']} x "
+             f"{r['setup']['seq']}; {r['machine']['cpu']}, {r['machine']['torch_threads']} "
+             f"threads; load avg {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f}", ""]
+    if "step" in r:
+        st = r["step"]
+        lines.append(f"{'step':32s} {'median s':>10s} {'x 2 fwd':>8s}  (target <= {TARGET_STEP})")
+        for k, v in st["median_s"].items():
+            ratio = st["ratio_vs_two_forwards"].get(k)
+            lines.append(f"  {k:30s} {v:10.3f} {'' if ratio is None else f'{ratio:8.2f}'}")
+    if "replay" in r:
+        rp = r["replay"]
+        lines += ["", f"replay ({rp['values_per_run'] / 1e6:.0f}M values per run)   Mvalues/s"]
+        for k, v in rp["throughput_mvalues_per_s"].items():
+            lines.append(f"  {k:30s} {v:10.1f}")
+        lines.append(f"  replay / raw generator (parallel) {rp['replay_vs_raw_parallel']:.2f}"
+                     f"   / raw 1 thread {rp['replay_vs_raw_1_thread']:.2f}"
+                     f"  (target >= {TARGET_REPLAY})")
+        p = rp.get("pool")
+        lines.append("" if p is None else
+                     f"  {p['seeds']} seeds: fused {p['fused_s']:.1f} s, naive perturb_ per seed "
+                     f"{p['naive_perturb_per_seed_s']:.1f} s ({p['speedup_vs_naive']:.2f}x), "
+                     f"previous sequential {p['naive_v0_sequential_s']:.1f} s "
+                     f"({p['speedup_vs_naive_v0']:.2f}x)")
+    if "memory" in r:
+        m = r["memory"]
+        lines += ["", f"{'peak memory (above runtime)':32s} {'MiB':>8s} {'x fwd':>7s}"
+                      f"  (target <= {TARGET_MEMORY})"]
+        for op, v in m["ops"].items():
+            ratio = m["ratio_vs_inference_forward"].get(op)
+            lines.append(f"  {op:30s} {v['peak_bytes'] / 2**20:8.1f} "
+                         f"{'' if ratio is None else f'{ratio:7.2f}'}")
+    if "bytes" in r:
+        b = r["bytes"]
+        lines += ["", f"bytes per client per round, K={b['k']}, tau={b['tau']}: "
+                      f"{b['download_bytes']} down + {b['upload_bytes']} up = {b['total_bytes']} "
+                      f"({b['distinct_seeds']} distinct seeds); paper {b['paper_bytes']} "
+                      f"({b['ratio_vs_paper']:.3f}x)"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.fedkseed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--quick", action="store_true", help="small model, few repeats")
+    ap.add_argument("--sections", default="step,replay,memory,bytes",
+                    help="comma-separated subset of step,replay,memory,bytes")
+    ap.add_argument("--repeats", type=int, help="override the number of timed repeats")
+    ap.add_argument("--replay-pool", type=int,
+                    help="seeds of the fused-vs-naive replay (0: skip it)")
+    ap.add_argument("--threads", type=int,
+                    help="torch.set_num_threads first (default: torch's; the zo pool follows)")
+    ap.add_argument("--memory-worker", choices=MEMORY_OPS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global FULL, QUICK
+    over = {k: v for k, v in (("repeats", args.repeats), ("replay_pool", args.replay_pool))
+            if v is not None}
+    FULL, QUICK = (Setup(**(x.__dict__ | over)) for x in (FULL, QUICK))
+    if args.memory_worker:
+        print(json.dumps(memory_worker(QUICK if args.quick else FULL, args.memory_worker)))
+        return 0
+    res = run_all(args.quick, args.sections.split(","))
+    print(json.dumps(res, indent=1) if args.json else _table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
