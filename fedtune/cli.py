@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fedtune.configbase import ConfigError
+from fedtune.models import pretrain_cli
 
 EPILOG = """examples:
   fedtune run                                   # the embedded default run, offline
@@ -59,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--toml", action="store_true", help="print the defaults as a TOML file")
     c.add_argument("--markdown", action="store_true",
                    help="print the fields as a Markdown table (the README's)")
+    pretrain_cli.add_parser(sub)
     return p
 
 
@@ -161,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the run's own bar
-    handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config}
+    handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config,
+                "pretrain": pretrain_cli.run}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

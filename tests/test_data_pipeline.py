@@ -20,8 +20,9 @@ def test_generated_dirichlet_default() -> None:
     cfg = DataConfig(num_clients=6, generated_per_family=20, seed=1)
     data = build_federated_data(cfg)
     assert len(data.clients) == 6
-    assert len(data.eval) == 12  # 10% of 120
-    assert sum(len(c) for c in data.clients) == 108 == sum(data.summary.sizes)
+    n = 20 * len(FAMILIES)
+    assert len(data.eval) == round(0.1 * n)  # 10% of the suite
+    assert sum(len(c) for c in data.clients) == n - round(0.1 * n) == sum(data.summary.sizes)
     assert data.summary.method == "dirichlet" and data.summary.seed == 1
     assert data.summary.params["alpha"] == 0.5
     json.dumps(data.summary.to_dict())
@@ -30,8 +31,8 @@ def test_generated_dirichlet_default() -> None:
 
 
 def test_heldout_family_and_natural_partition() -> None:
-    cfg = DataConfig(num_clients=5, generated_per_family=10, heldout_category="addition",
-                     partition="natural")
+    cfg = DataConfig(num_clients=len(FAMILIES) - 1, generated_per_family=10,
+                     heldout_category="addition", partition="natural")
     data = build_federated_data(cfg)
     assert {r.category for r in data.eval} == {"addition"} and len(data.eval) == 10
     held_by = [{r.source_id for r in c} for c in data.clients]
@@ -42,9 +43,11 @@ def test_heldout_family_and_natural_partition() -> None:
 def test_iid_and_all_texts() -> None:
     cfg = DataConfig(num_clients=4, generated_per_family=10, partition="iid")
     data = build_federated_data(cfg)
-    assert sorted(data.summary.sizes) == [13, 13, 14, 14]  # 60 - 6 held out = 54 over 4
+    n = 10 * len(FAMILIES)
+    train = n - round(0.1 * n)
+    assert sorted(data.summary.sizes) == sorted([train // 4 + (i < train % 4) for i in range(4)])
     texts = all_texts(data)
-    assert len(texts) == 60
+    assert len(texts) == n
     first = data.clients[0][0]
     assert texts[0] == format_prompt(first) + first.output
 

@@ -36,7 +36,14 @@ class DataConfig:
     heldout_category: str = option(
         "",
         "Category held out whole for evaluation (the FedKSeed Dolly protocol holds out "
-        "'summarization'). Empty: hold out a random eval_fraction instead.",
+        "'summarization'). Empty (and no heldout_categories): hold out a random eval_fraction "
+        "instead.",
+    )
+    heldout_categories: list = option(
+        [],
+        "Categories held out whole for evaluation, several at once (e.g. the generated suite's "
+        "fedtune.data.generated.HELDOUT_FAMILIES); combines with heldout_category. Empty and no "
+        "heldout_category: hold out a random eval_fraction instead.",
     )
     eval_fraction: float = option(
         0.1, "Share of records held out at random for evaluation when no category is held out."
@@ -90,6 +97,13 @@ class DataConfig:
         for frac_key in ("ni_train_fraction", "ni_eval_fraction"):
             v = getattr(self, frac_key)
             check(0 < v <= 1, f"{prefix}.{frac_key}", v, "must be in (0, 1]")
+        check(isinstance(self.heldout_categories, list)
+              and all(isinstance(c, str) and c for c in self.heldout_categories),
+              f"{prefix}.heldout_categories", self.heldout_categories,
+              "must be a list of non-empty category names")
+        check(len(set(self.heldout_categories)) == len(self.heldout_categories),
+              f"{prefix}.heldout_categories", self.heldout_categories,
+              "names a category twice")
         check(self.format == "generated" or bool(self.path), f"{prefix}.path", self.path,
               f"is required when data.format = {self.format!r}")
         if self.format in ("jsonl", "hub"):

@@ -1,7 +1,8 @@
 """From a :class:`DataConfig` to the federation's data: client partitions and an eval set.
 
 Steps, each logged: load the records of ``cfg.format``; split off the eval set (a held-out
-category if ``heldout_category`` is set, else Natural Instructions' test tasks for that format,
+category if ``heldout_category`` is set, every category of ``heldout_categories`` if that is
+non-empty (both may be used together), else Natural Instructions' test tasks for that format,
 else a random ``eval_fraction``); partition the rest over ``num_clients`` by ``cfg.partition``.
 Every random step is seeded by ``cfg.seed``.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from fedtune.data.config import DataConfig
 from fedtune.data.generated import generate_suite
 from fedtune.data.loaders import (
+    DataError,
     load_alpaca,
     load_dolly,
     load_hub,
@@ -69,12 +71,34 @@ def load_records(cfg: DataConfig) -> list[Record]:
     raise ValueError(f"unknown data.format {cfg.format!r}")
 
 
+def heldout_categories(cfg: DataConfig) -> list[str]:
+    """The categories held out whole: ``heldout_category`` and then ``heldout_categories``."""
+    names = [cfg.heldout_category] if cfg.heldout_category else []
+    return names + [c for c in cfg.heldout_categories if c not in names]
+
+
 def split_eval(cfg: DataConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
     """``(train, eval)`` by the config's eval rule (see the module docstring)."""
-    if cfg.heldout_category:
-        train, held = split_heldout(records, cfg.heldout_category)
+    categories = heldout_categories(cfg)
+    if len(categories) == 1:
+        train, held = split_heldout(records, categories[0])
         logger.info("eval set: category %r held out whole (%d records; %d left to train on)",
-                    cfg.heldout_category, len(held), len(train))
+                    categories[0], len(held), len(train))
+        return train, held
+    if categories:
+        present = {r.category for r in records}
+        missing = [c for c in categories if c not in present]
+        if missing:
+            raise DataError(f"held-out categories {missing} do not occur; categories present: "
+                            f"{sorted(present)}")
+        chosen = set(categories)
+        train = [r for r in records if r.category not in chosen]
+        held = [r for r in records if r.category in chosen]
+        if not train:
+            raise DataError(f"held-out categories {categories} are all the categories: nothing "
+                            "to train on")
+        logger.info("eval set: categories %s held out whole (%d records; %d left to train on)",
+                    categories, len(held), len(train))
         return train, held
     if cfg.format == "natural-instructions":
         held = _load_ni(cfg, "test")

@@ -1,0 +1,558 @@
+"""Pre-train a byte-level BPE tokenizer and a Llama-style causal LM from scratch on a text corpus.
+
+One recipe, read top to bottom (nanoGPT style), in :func:`pretrain`:
+
+1. load the corpus: ``.jsonl`` / ``.jsonl.gz`` files with a ``text`` field (one document per
+   line, named by its ``file``/``id``/``name``/``title`` field or ``<file>:<line>``) and ``.txt``
+   files (one document per file), given as files or folders;
+2. hold out whole documents for validation: by name, or a seeded random choice of a count;
+3. train the tokenizer on the training documents (or reuse a tokenizer directory, so a family of
+   models shares one vocabulary) and save it to the output directory at once;
+4. tokenise every document into one stream, an EOS token between documents;
+5. train: random contiguous blocks of ``block_size + 1`` tokens drawn by a seeded generator,
+   AdamW with linear warmup and cosine decay, fp32, gradient clipping, a tqdm bar with the loss;
+   every ``val_every`` steps the loss on fixed held-out blocks; every ``checkpoint_every`` steps
+   and at the end an atomic checkpoint (model, optimizer, step, data RNG state, tokens seen);
+6. save: float16 safetensors (``config.json`` says float32, so ``from_pretrained`` gives fp32),
+   the tokenizer, ``training.json`` and a ``README.md`` model card.
+
+``resume=True`` continues from the checkpoint; because the data order is drawn from a generator
+whose state is checkpointed and the learning rate is a function of the step, a resumed run ends
+with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    AutoTokenizer,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+
+from fedtune.configbase import ConfigError, check, option
+from fedtune.models.tiny import tiny_llama_config, train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+PRESETS: dict[str, dict[str, int]] = {
+    "small": {"hidden_size": 128, "num_layers": 4, "num_heads": 4},
+    "large": {"hidden_size": 256, "num_layers": 6, "num_heads": 8},
+}
+CHECKPOINT_FILE = "checkpoint.pt"
+# The embedded base models (one tokenizer, one vocabulary): see BENCHMARKS.md for the commands.
+BASE_MODELS_DIR = Path(__file__).resolve().parents[1] / "base_models"
+BASE_MODELS = ("small", "large")
+NAME_FIELDS = ("file", "id", "name", "title")
+
+
+@dataclass
+class PretrainConfig:
+    corpus: str = option("", "Corpus: a .jsonl/.jsonl.gz file (one document per line, a 'text' "
+                         "field), a .txt file (one document), or a folder of such files.")
+    out_dir: str = option("", "Output model directory (tokenizer, fp16 weights, model card).")
+    tokenizer: str = option("", "Existing tokenizer directory to reuse (models then share one "
+                            "vocabulary). Empty: train a byte-level BPE tokenizer on the "
+                            "training documents.")
+    vocab_size: int = option(4096, "Vocabulary size of a newly trained tokenizer (special tokens "
+                             "included).")
+    text_field: str = option("text", "JSONL field holding a document's text.")
+    hidden_size: int = option(128, "Hidden size.")
+    num_layers: int = option(4, "Number of decoder layers.")
+    num_heads: int = option(4, "Attention heads (must divide hidden_size, even head size).")
+    block_size: int = option(256, "Tokens per training sequence (also the model's max length).")
+    batch_size: int = option(8, "Sequences per optimizer step.")
+    steps: int = option(500, "Optimizer steps.")
+    lr: float = option(3e-3, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = option(0.1, "Final learning rate as a share of the peak (cosine decay).")
+    warmup_steps: int = option(50, "Steps of linear warmup.")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only, not norms).")
+    grad_clip: float = option(1.0, "Clip the gradient norm to this (0: no clipping).")
+    val_docs: list = option([], "Names of documents held out for validation (overrides "
+                            "val_count).")
+    val_count: int = option(4, "Documents held out for validation, a seeded random choice "
+                            "(when val_docs is empty).")
+    val_every: int = option(100, "Validation loss every this many steps (0: only at the end).")
+    val_blocks: int = option(64, "Fixed held-out blocks the validation loss is averaged over.")
+    checkpoint_every: int = option(100, "Checkpoint every this many steps (and at the end).")
+    checkpoint_dir: str = option("", "Checkpoint folder. Empty: <out_dir>/checkpoint.")
+    seed: int = option(0, "Seed of the held-out choice, the initial weights and the data order.")
+    threads: int = option(0, "torch CPU threads (0: torch's default).")
+    resume: bool = option(False, "Continue from the checkpoint in checkpoint_dir.")
+
+    def validate(self) -> None:
+        check(bool(self.corpus), "corpus", self.corpus, "is required")
+        check(bool(self.out_dir), "out_dir", self.out_dir, "is required")
+        for key in ("hidden_size", "num_layers", "num_heads", "block_size", "batch_size",
+                    "steps", "val_blocks"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and value >= 1, key, value, "must be an integer >= 1")
+        for key in ("warmup_steps", "val_every", "checkpoint_every", "val_count", "threads"):
+            value = getattr(self, key)
+            check(isinstance(value, int) and value >= 0, key, value, "must be an integer >= 0")
+        check(self.hidden_size % self.num_heads == 0, "hidden_size", self.hidden_size,
+              f"must be divisible by num_heads = {self.num_heads}")
+        check((self.hidden_size // self.num_heads) % 2 == 0, "hidden_size", self.hidden_size,
+              "the head size hidden_size / num_heads must be even (rotary embeddings)")
+        check(self.vocab_size >= 260, "vocab_size", self.vocab_size,
+              "must be >= 260 (the 256 byte-level symbols and 4 special tokens)")
+        check(self.vocab_size < 2**16 or bool(self.tokenizer), "vocab_size", self.vocab_size,
+              "must be < 65536")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(bool(self.val_docs) or self.val_count >= 1, "val_count", self.val_count,
+              "must be >= 1 when no val_docs are named (validation needs held-out documents)")
+
+
+def base_model_path(name: str) -> Path:
+    """The directory of an embedded base model ('small' or 'large'); loads offline as it is."""
+    if name not in BASE_MODELS:
+        raise ValueError(f"unknown base model {name!r}; expected one of {list(BASE_MODELS)}")
+    return BASE_MODELS_DIR / name
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Corpus
+
+
+def _corpus_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = [p for p in sorted(path.rglob("*")) if p.is_file()
+                 and (p.name.endswith((".jsonl", ".jsonl.gz", ".txt")))]
+        if files:
+            return files
+        raise FileNotFoundError(f"no .jsonl, .jsonl.gz or .txt files under {path}")
+    raise FileNotFoundError(f"corpus {path} does not exist")
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            text = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{lineno}: no string field {text_field!r}")
+            name = next((str(obj[k]) for k in NAME_FIELDS if obj.get(k)), f"{path.name}:{lineno}")
+            yield Document(name, text)
+
+
+def load_corpus(corpus: str | Path, text_field: str = "text") -> list[Document]:
+    """Every non-empty document of the corpus, in file order; names must be unique."""
+    root = Path(corpus)
+    docs: list[Document] = []
+    for file in _corpus_files(root):
+        if file.name.endswith((".jsonl", ".jsonl.gz")):
+            docs.extend(_jsonl_documents(file, text_field))
+        else:
+            name = str(file.relative_to(root)) if root.is_dir() else file.name
+            docs.append(Document(name, file.read_text(encoding="utf-8")))
+    docs = [d for d in docs if d.text.strip()]
+    seen: set[str] = set()
+    for d in docs:
+        if d.name in seen:
+            raise ValueError(f"document name {d.name!r} occurs twice in {corpus}")
+        seen.add(d.name)
+    if len(docs) < 2:
+        raise ValueError(f"corpus {corpus} has {len(docs)} document(s); need at least 2 "
+                         "(some are held out for validation)")
+    return docs
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Held-out documents
+
+
+def split_documents(
+    docs: list[Document], names: list[str], count: int, seed: int
+) -> tuple[list[Document], list[Document]]:
+    """``(train, val)``: the documents named, or else ``count`` drawn by ``seed``; order kept."""
+    all_names = [d.name for d in docs]
+    if names:
+        missing = [n for n in names if n not in all_names]
+        if missing:
+            raise ConfigError("val_docs", missing, f"not in the corpus; e.g. {all_names[:5]}")
+        held = set(names)
+    else:
+        if count >= len(docs):
+            raise ConfigError("val_count", count, f"must be < the {len(docs)} documents")
+        held = set(random.Random(seed).sample(all_names, count))
+    return [d for d in docs if d.name not in held], [d for d in docs if d.name in held]
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-4. Tokenizer and token stream
+
+
+def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[Document]) -> np.ndarray:
+    """All documents as one token stream, EOS after each document (uint16 when it fits)."""
+    eos = tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer  # type: ignore[attr-defined]
+    dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
+    parts: list[np.ndarray] = []
+    for i in range(0, len(docs), 8):
+        for enc in backend.encode_batch([d.text for d in docs[i:i + 8]],
+                                        add_special_tokens=False):
+            parts.append(np.asarray(enc.ids + [eos], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def val_block_starts(n_tokens: int, block_size: int, n_blocks: int) -> list[int]:
+    """Fixed, evenly spaced starts of up to ``n_blocks`` held-out blocks of ``block_size + 1``."""
+    span = n_tokens - (block_size + 1)
+    if span < 0:
+        raise ValueError(f"the held-out documents have {n_tokens} tokens, fewer than one block "
+                         f"of {block_size + 1}: hold out more or lower block_size")
+    n = min(n_blocks, span // (block_size + 1) + 1)
+    return [round(i * span / max(1, n - 1)) if n > 1 else 0 for i in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Training pieces
+
+
+def learning_rate(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``
+    at ``steps`` (``step`` counts from 0)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def get_batch(tokens: torch.Tensor, starts: torch.Tensor, block_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets of the blocks starting at ``starts``."""
+    idx = starts[:, None] + torch.arange(block_size + 1)[None, :]
+    blocks = tokens[idx].long()
+    return blocks[:, :-1], blocks[:, 1:]
+
+
+def lm_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=x).logits
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def validation_loss(model: LlamaForCausalLM, val_tokens: torch.Tensor, starts: list[int],
+                    block_size: int, batch_size: int) -> float:
+    """Mean next-token loss (nats) over the fixed held-out blocks."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = torch.tensor(starts[i:i + batch_size])
+        x, y = get_batch(val_tokens, chunk, block_size)
+        total += lm_loss(model, x, y).item() * len(chunk)
+        count += len(chunk)
+    model.train(was_training)
+    return total / count
+
+
+def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+    )
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: to a temporary file in the same folder, then rename over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# Keys of the config that must not change when a run is resumed.
+_RESUME_KEYS = ("corpus", "tokenizer", "vocab_size", "text_field", "hidden_size", "num_layers",
+                "num_heads", "block_size", "batch_size", "steps", "lr", "min_lr_ratio",
+                "warmup_steps", "weight_decay", "grad_clip", "val_docs", "val_count", "seed")
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe
+
+
+@dataclass
+class PretrainResult:
+    out_dir: Path
+    steps: int
+    tokens_seen: int
+    val_loss: float
+    parameters: int
+    wall_s: float
+    history: list[dict[str, float]]
+
+
+def pretrain(cfg: PretrainConfig, *, command: str = "", progress: bool = True,
+             stop_after: int | None = None) -> PretrainResult:
+    """Run the recipe (see the module docstring); returns the final figures.
+
+    ``command`` is recorded in the model card. ``stop_after`` ends the run after that many steps
+    (with a checkpoint) as an interruption would; ``resume=True`` then continues it.
+    ``cfg.threads`` applies for the duration of the call only.
+    """
+    cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, command, progress, stop_after)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int | None
+              ) -> PretrainResult:
+    t_start = time.time()
+    out = Path(cfg.out_dir)
+    ckpt_path = Path(cfg.checkpoint_dir or out / "checkpoint") / CHECKPOINT_FILE
+    state: dict[str, Any] | None = None
+    if cfg.resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = state["config"]
+        changed = {k: (saved.get(k), getattr(cfg, k)) for k in _RESUME_KEYS
+                   if saved.get(k) != getattr(cfg, k)}
+        if changed:
+            raise ConfigError("resume", changed, "differs from the checkpointed run's config")
+    elif ckpt_path.is_file():
+        raise ConfigError("out_dir", str(out), f"holds a checkpoint ({ckpt_path}); pass resume "
+                          "to continue it or choose another directory")
+
+    # 1-2. corpus and held-out documents
+    docs = load_corpus(cfg.corpus, cfg.text_field)
+    train_docs, val_docs = split_documents(docs, list(cfg.val_docs), cfg.val_count, cfg.seed)
+    logger.info("corpus %s: %d documents, %d chars; %d held out for validation: %s",
+                cfg.corpus, len(docs), sum(len(d.text) for d in docs), len(val_docs),
+                [d.name for d in val_docs])
+
+    # 3. tokenizer: reused, resumed (saved in out_dir at the start), or trained now
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.tokenizer or state is not None:
+        tok_dir = cfg.tokenizer or str(out)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        for key in ("is_local", "local_files_only"):  # loading details, not tokenizer settings
+            tokenizer.init_kwargs.pop(key, None)
+        logger.info("tokenizer from %s: %d tokens", tok_dir, len(tokenizer))
+    else:
+        t0 = time.time()
+        tokenizer = train_tokenizer((d.text for d in train_docs), cfg.vocab_size)
+        logger.info("trained a byte-level BPE tokenizer: %d tokens (%.0f s)", len(tokenizer),
+                    time.time() - t0)
+    tokenizer.model_max_length = cfg.block_size
+    tokenizer.save_pretrained(out)
+
+    # 4. token streams
+    t0 = time.time()
+    train_tokens = torch.from_numpy(token_stream(tokenizer, train_docs).astype(np.int32))
+    val_tokens = torch.from_numpy(token_stream(tokenizer, val_docs).astype(np.int32))
+    logger.info("tokens: %d train, %d validation (%.0f s)", len(train_tokens), len(val_tokens),
+                time.time() - t0)
+    if len(train_tokens) < cfg.block_size + 2:
+        raise ValueError(f"the training documents have {len(train_tokens)} tokens, fewer than "
+                         f"one block of {cfg.block_size + 1}")
+    val_starts = val_block_starts(len(val_tokens), cfg.block_size, cfg.val_blocks)
+
+    # 5. model, optimizer, data generator: fresh or from the checkpoint
+    config = tiny_llama_config(
+        len(tokenizer), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads, max_positions=cfg.block_size,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config)
+    model.float().train()
+    optimizer = build_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, tokens_seen, wall_before = 0, 0, 0.0
+    history: list[dict[str, float]] = []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        wall_before, history = state["wall_s"], state["history"]
+        logger.info("resumed at step %d (%d tokens seen)", step, tokens_seen)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %d parameters (hidden %d, %d layers, %d heads, vocab %d)", n_params,
+                cfg.hidden_size, cfg.num_layers, cfg.num_heads, len(tokenizer))
+
+    def checkpoint() -> None:
+        _save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "data_rng": gen.get_state(), "step": step, "tokens_seen": tokens_seen,
+            "wall_s": wall_before + time.time() - t_start, "history": history,
+            "config": dataclasses.asdict(cfg),
+        })
+
+    def validate_now() -> float:
+        loss = validation_loss(model, val_tokens, val_starts, cfg.block_size, cfg.batch_size)
+        history.append({"step": step, "tokens_seen": tokens_seen, "val_loss": loss})
+        return loss
+
+    if step == 0 and not history:
+        logger.info("step 0: validation loss %.4f", validate_now())
+    n_starts = len(train_tokens) - cfg.block_size  # the last start leaves block_size + 1
+    last_stop = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="pretrain",
+               unit="step", dynamic_ncols=True)
+    train_loss = float("nan")
+    while step < last_stop:
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        starts = torch.randint(0, n_starts, (cfg.batch_size,), generator=gen)
+        x, y = get_batch(train_tokens, starts, cfg.block_size)
+        loss = lm_loss(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        step += 1
+        tokens_seen += x.numel()
+        train_loss = loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+        if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
+            val = validate_now()
+            bar.write(f"step {step}: train loss {train_loss:.4f}, validation loss {val:.4f}")
+            logger.info("step %d: train loss %.4f, validation loss %.4f", step, train_loss, val)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < last_stop:
+            checkpoint()
+    bar.close()
+    if step < cfg.steps:  # stopped early, as an interruption would
+        checkpoint()
+        logger.info("stopped at step %d of %d; checkpoint %s", step, cfg.steps, ckpt_path)
+        val = history[-1]["val_loss"] if history else float("nan")
+        return PretrainResult(out, step, tokens_seen, val, n_params,
+                              wall_before + time.time() - t_start, history)
+    if not history or history[-1]["step"] != step:
+        validate_now()
+    val = history[-1]["val_loss"]
+    logger.info("step %d: train loss %.4f, final validation loss %.4f", step, train_loss, val)
+    checkpoint()
+
+    # 6. the model directory
+    wall = wall_before + time.time() - t_start
+    save_model(model, tokenizer, out)
+    summary = {
+        "corpus": str(cfg.corpus), "documents": len(docs),
+        "train_documents": len(train_docs), "validation_documents": [d.name for d in val_docs],
+        "train_tokens": len(train_tokens), "validation_tokens": len(val_tokens),
+        "validation_blocks": len(val_starts), "steps": step, "tokens_seen": tokens_seen,
+        "val_loss": round(val, 4), "parameters": n_params, "wall_s": round(wall, 1),
+        "seed": cfg.seed, "command": command, "config": dataclasses.asdict(cfg),
+        "history": [{k: (round(v, 4) if k == "val_loss" else v) for k, v in h.items()}
+                    for h in history],
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "README.md").write_text(model_card(summary, len(tokenizer)))
+    logger.info("saved %s (%d parameters, validation loss %.4f, %d tokens seen, %.0f s)", out,
+                n_params, val, tokens_seen, wall)
+    return PretrainResult(out, step, tokens_seen, val, n_params, wall, history)
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """float16 safetensors; ``config.json`` records float32 so loading gives fp32 by default."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    state = {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()}
+    model.save_pretrained(out, state_dict=state)
+    cfg_path = out / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config["dtype"] = "float32"
+    cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(out)
+
+
+def model_card(s: dict[str, Any], vocab: int) -> str:
+    """The README.md of a pre-trained model directory, from its ``training.json`` summary."""
+    c = s["config"]
+    held = ", ".join(f"`{n}`" for n in s["validation_documents"])
+    rows = [
+        ("corpus", f"`{s['corpus']}`: {s['documents']} documents, {s['train_documents']} "
+                   "trained on"),
+        ("held out for validation", f"{held} ({s['validation_tokens']:,} tokens, "
+                                    f"{s['validation_blocks']} fixed blocks)"),
+        ("tokens seen", f"{s['tokens_seen']:,} ({s['steps']} steps x {c['batch_size']} x "
+                        f"{c['block_size']}; the training documents hold "
+                        f"{s['train_tokens']:,})"),
+        ("validation loss", f"{s['val_loss']:.4f} nats/token (perplexity "
+                            f"{math.exp(s['val_loss']):.1f})"),
+        ("parameters", f"{s['parameters']:,}"),
+        ("architecture", f"Llama: hidden {c['hidden_size']}, {c['num_layers']} layers, "
+                         f"{c['num_heads']} heads, MLP {4 * c['hidden_size']}, context "
+                         f"{c['block_size']}, untied embeddings"),
+        ("tokenizer", f"byte-level BPE, {vocab} tokens; `<pad>` 0, `<s>` 1, `</s>` 2 (between "
+                      "documents), `<unk>` 3; encoding adds no special tokens"),
+        ("optimizer", f"AdamW (0.9, 0.95), peak lr {c['lr']}, {c['warmup_steps']} warmup "
+                      f"steps, cosine to {c['min_lr_ratio']} x peak, weight decay "
+                      f"{c['weight_decay']}, gradient clip {c['grad_clip']}"),
+        ("seed", str(s["seed"])),
+        ("wall time", f"{s['wall_s']:.0f} s"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    curve = ", ".join(f"step {h['step']} {h['val_loss']:.3f}" for h in s["history"])
+    return f"""# fedtune base model ({c['hidden_size']} hidden, {c['num_layers']} layers)
+
+A Llama-style causal LM pre-trained from scratch by `fedtune pretrain` (fp32 training; weights
+stored as float16 safetensors, loaded as float32). Loads offline as it is:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained(DIR)   # float32
+tokenizer = AutoTokenizer.from_pretrained(DIR)
+```
+
+| | |
+| --- | --- |
+{table}
+
+Command (run from the repository root):
+
+```bash
+{s['command'] or '(called from Python)'}
+```
+
+Validation loss during training: {curve}.
+"""
