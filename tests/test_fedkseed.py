@@ -447,3 +447,12 @@ def test_unknown_since_round_gets_the_full_download():
     run_round(alg, model, 1, [0])
     alg.begin_round(2)
     assert alg.server.download(2, since=7) == alg.server.download(2)
+
+
+def test_keep_z_gives_the_same_round_bit_for_bit():
+    results = []
+    for keep in (False, True):
+        alg, model = make("fedkseed", keep_z=keep)
+        run_round(alg, model, 1, [0, 1])
+        results.append(alg.server.accumulators.clone())
+    assert torch.equal(results[0], results[1])

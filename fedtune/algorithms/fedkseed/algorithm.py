@@ -143,7 +143,8 @@ class FedKSeed:
         probs = down.probs.double().numpy() if down.probs is not None else None
         stats, loss, _ = local_zo_train(
             model, params, self.pool, examples, tau=c.tau, batch_size=c.batch_size,
-            eps=c.zo_eps, lr=c.lr, clip=c.clip, pad_id=self.pad_id, seed=seed, probs=probs)
+            eps=c.zo_eps, lr=c.lr, clip=c.clip, pad_id=self.pad_id, seed=seed, probs=probs,
+            keep_z=c.keep_z)
         if not stats.count:
             raise RuntimeError("every ZO step had a non-finite loss")
         idx = sorted(stats.count)

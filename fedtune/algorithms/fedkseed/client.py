@@ -19,6 +19,7 @@ import torch
 from fedtune.algorithms.fedavg.client import batch_indices
 from fedtune.algorithms.fedkseed.pro import clipped_abs
 from fedtune.data.prompts import TokenizedExample, collate
+from fedtune.zo.perturb import new_z_buffer
 from fedtune.zo.step import zo_step
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,12 @@ def draw_seed_indices(k_seeds: int, tau: int, seed: int,
 def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Sequence[int],
                    examples: Sequence[TokenizedExample], *, tau: int, batch_size: int,
                    eps: float, lr: float, clip: float, pad_id: int, seed: int,
-                   probs: np.ndarray | None = None) -> tuple[SeedStats, float, int]:
-    """τ ZO-SGD steps on ``params`` in place; return (per-seed stats, mean loss, skipped steps)."""
+                   probs: np.ndarray | None = None, keep_z: bool = False
+                   ) -> tuple[SeedStats, float, int]:
+    """τ ZO-SGD steps on ``params`` in place; return (per-seed stats, mean loss, skipped steps).
+
+    ``keep_z`` trades one float32 copy of ``params`` for two fewer generations of z per step.
+    """
     if not examples:
         raise ValueError("a client with no examples cannot train")
     device = next(model.parameters()).device
@@ -62,10 +67,12 @@ def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool:
     skipped = 0
     was_training = model.training
     model.eval()  # both forward passes must see the same function
+    z_buffer = new_z_buffer(params) if keep_z else None
     for j in draw_seed_indices(len(pool), tau, seed, probs):
         batch = collate([examples[i] for i in next(batches)], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        g = zo_step(model, params, batch, pool[j], eps, lr, losses)
+        g = zo_step(model, params, batch, pool[j], eps, lr, losses, keep_z=keep_z,
+                    z_buffer=z_buffer)
         if g is None:
             skipped += 1
             continue

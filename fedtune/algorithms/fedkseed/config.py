@@ -28,6 +28,10 @@ class FedKSeedConfig:
     temperature: float = option(
         1.0, "FedKSeed-Pro: p = softmax(psi_normalised / temperature). 1.0 is the paper's "
              "behaviour (the likeliest seed at most e times likelier than the least).")
+    keep_z: bool = option(
+        False, "Keep z in memory during a step: one generation of z per step instead of three "
+               "(faster), at the cost of one float32 copy of the trainable parameters (more "
+               "memory). Bitwise the same result either way.")
     seed: int = option(0, "Run seed the K pool seeds derive from (shared by server and clients, "
                           "never sent).")
 
