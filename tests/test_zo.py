@@ -140,3 +140,15 @@ def test_zo_step_needs_eval_mode():
     m = Quadratic(torch.zeros(2), torch.zeros(2)).train()
     with pytest.raises(RuntimeError, match="eval"):
         zo_step(m, [m.w], {"x": torch.tensor(1.0)}, 1, 1e-3, 0.1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_z_is_the_same_on_cuda_and_cpu():
+    from fedtune.zo.perturb import perturb_
+
+    cpu = [torch.zeros(5, 7), torch.zeros(300)]
+    gpu = [t.clone().cuda() for t in cpu]
+    perturb_(cpu, 12345, 1.0)
+    perturb_(gpu, 12345, 1.0)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert torch.equal(a, b.cpu())

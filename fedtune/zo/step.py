@@ -16,6 +16,11 @@ Two modes, bitwise identical results (same z values, same ``add_`` with the same
   parameters (pass ``z_buffer=new_z_buffer(params)`` to reuse one across steps) and the three
   updates read it: one generation per step instead of three, for one extra copy of the
   trainable parameters in memory.
+
+Weight decay is deliberately not offered. A decay step θ ← (1 − lr·λ)θ on the device is not a
+function of the (seed, g) pairs that travel, so the server's and the devices' replay
+w0 − lr·Σ_j A_j z(s_j) would no longer equal the models the clients trained; FedKSeed's
+reference runs with weight decay 0 for the same reason.
 """
 
 from __future__ import annotations
