@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,7 @@ TARGET_STEP = 1.25
 TARGET_REPLAY = 0.8
 TARGET_MEMORY = 1.15
 PAPER_BYTES = 4 * 4096 + 8 * 200 + 4  # 17,988
+BASE_SMALL = Path(__file__).resolve().parents[1] / "fedtune" / "base_models" / "small"
 
 
 @dataclass(frozen=True)
@@ -383,6 +385,12 @@ def run_all(quick: bool, sections: list[str]) -> dict[str, Any]:
     if "bytes" in sections:
         b = measure_bytes(4096, 200)
         res["bytes"] = b | {"ratio_vs_paper": b["total_bytes"] / PAPER_BYTES}
+    if "quality" in sections:
+        from bench.quality import DOLLY, quality
+
+        res["quality"] = (quality(str(BASE_SMALL), rounds=2 if quick else 5, clients_per_round=5,
+                                  eval_examples=10 if quick else 50, max_new_tokens=64)
+                          if DOLLY.is_file() else {"skipped": f"{DOLLY} is missing"})
     res["load_avg_end"] = os.getloadavg()
     return res
 
@@ -426,6 +434,12 @@ def _table(r: dict[str, Any]) -> str:
                       f"{b['download_bytes']} down + {b['upload_bytes']} up = {b['total_bytes']} "
                       f"({b['distinct_seeds']} distinct seeds); paper {b['paper_bytes']} "
                       f"({b['ratio_vs_paper']:.3f}x)"]
+    if "quality" in r and "methods" in r["quality"]:
+        lines += ["", "quality at equal rounds (Dolly, summarization held out): Rouge-L / eval loss"]
+        for name, q in r["quality"]["methods"].items():
+            lines.append(f"  {name:14s} {q['rougeL_before']:.4f} -> {q['rougeL_after']:.4f}   "
+                         f"{q['eval_loss_before']:.4f} -> {q['eval_loss_after']:.4f}   "
+                         f"{q['bytes_per_client_round']:.0f} B/client/round")
     return "\n".join(lines)
 
 
@@ -434,8 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="small model, few repeats")
-    ap.add_argument("--sections", default="step,replay,memory,bytes",
-                    help="comma-separated subset of step,replay,memory,bytes")
+    ap.add_argument("--sections", default="step,replay,memory,bytes,quality",
+                    help="comma-separated subset of step,replay,memory,bytes,quality (quality: "
+                         "Rouge-L at equal rounds on Dolly, see bench/quality.py)")
     ap.add_argument("--repeats", type=int, help="override the number of timed repeats")
     ap.add_argument("--replay-pool", type=int,
                     help="seeds of the fused-vs-naive replay (0: skip it)")
