@@ -435,7 +435,8 @@ def _table(r: dict[str, Any]) -> str:
                       f"({b['distinct_seeds']} distinct seeds); paper {b['paper_bytes']} "
                       f"({b['ratio_vs_paper']:.3f}x)"]
     if "quality" in r and "methods" in r["quality"]:
-        lines += ["", "quality at equal rounds (Dolly, summarization held out): Rouge-L / eval loss"]
+        lines += ["", "quality at equal rounds (Dolly, summarization held out): "
+                      "Rouge-L / eval loss"]
         for name, q in r["quality"]["methods"].items():
             lines.append(f"  {name:14s} {q['rougeL_before']:.4f} -> {q['rougeL_after']:.4f}   "
                          f"{q['eval_loss_before']:.4f} -> {q['eval_loss_after']:.4f}   "
