@@ -9,7 +9,7 @@ trainable; everything else (messages, aggregation, local loop) is shared.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,24 @@ def load_into(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Te
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name])
+
+
+def device_round(model: torch.nn.Module, payload: bytes, round_: int, num_samples: int,
+                 train: Callable[[list[torch.nn.Parameter]], float]) -> bytes:
+    """A device's round of a method that sends its trainable tensors (FedAvg, FedIT, FedMeZO).
+
+    Decode the download against the device's own shapes, load it into the trainable parameters,
+    ``train`` them in place (returning the mean loss) and encode the reply.
+    """
+    params = trainable(model)
+    down = Download.decode(payload, TensorSpec.of(params))
+    if down.round != round_:
+        raise MessageError(f"download is for round {down.round}, expected {round_}")
+    load_into(params, down.tensors)
+    loss = train(list(params.values()))
+    if loss != loss:  # every step was skipped: nothing worth sending
+        raise RuntimeError("every local step had a non-finite loss")
+    return Reply(round_, num_samples, loss, {k: p.detach() for k, p in params.items()}).encode()
 
 
 class FedAvg:
@@ -94,20 +112,16 @@ class FedAvg:
     # -- device side --------------------------------------------------------------------------
     def client_round(self, model: torch.nn.Module, payload: bytes,
                      examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
-        params = trainable(model)
-        down = Download.decode(payload, TensorSpec.of(params))  # the device's own shapes
-        if down.round != round_:
-            raise MessageError(f"download is for round {down.round}, expected {round_}")
-        load_into(params, down.tensors)
         c = self.cfg
-        loss, _ = local_train(model, list(params.values()), examples, steps=c.local_steps,
-                              batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
-                              weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
-                              pad_id=self.pad_id, seed=seed)
-        if loss != loss:  # every step was skipped: nothing worth sending
-            raise RuntimeError("every local step had a non-finite loss")
-        return Reply(round_, len(examples), loss,
-                     {k: p.detach() for k, p in params.items()}).encode()
+
+        def train(params: list[torch.nn.Parameter]) -> float:
+            loss, _ = local_train(model, params, examples, steps=c.local_steps,
+                                  batch_size=c.batch_size, lr=c.lr, optimizer=c.optimizer,
+                                  weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
+                                  pad_id=self.pad_id, seed=seed)
+            return loss
+
+        return device_round(model, payload, round_, len(examples), train)
 
     # -- result -------------------------------------------------------------------------------
     def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:

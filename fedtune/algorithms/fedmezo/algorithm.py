@@ -28,12 +28,10 @@ import torch
 
 from fedtune.algorithms.base import ReplyInfo
 from fedtune.algorithms.config import AlgorithmConfig
-from fedtune.algorithms.fedavg.algorithm import FedAvg, load_into, trainable
+from fedtune.algorithms.fedavg.algorithm import FedAvg, device_round, trainable
 from fedtune.algorithms.fedavg.server import FedAvgServer
-from fedtune.algorithms.fedavg.wire import Download, Reply
 from fedtune.algorithms.fedmezo.client import local_mezo_train
 from fedtune.data.prompts import TokenizedExample
-from fedtune.wire import MessageError, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +82,16 @@ class FedMeZO:
     # -- device side --------------------------------------------------------------------------
     def client_round(self, model: torch.nn.Module, payload: bytes,
                      examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
-        params = trainable(model)  # the adapters, in named_parameters order = z's index order
-        down = Download.decode(payload, TensorSpec.of(params))  # the device's own shapes
-        if down.round != round_:
-            raise MessageError(f"download is for round {down.round}, expected {round_}")
-        load_into(params, down.tensors)
         c = self.cfg
-        loss, _ = local_mezo_train(model, list(params.values()), examples, tau=c.tau,
-                                   batch_size=c.batch_size, eps=c.zo_eps, lr=c.lr,
-                                   pad_id=self.pad_id, seed=seed)
-        if loss != loss:  # every step was skipped: nothing worth sending
-            raise RuntimeError("every ZO step had a non-finite loss")
-        return Reply(round_, len(examples), loss,
-                     {k: p.detach() for k, p in params.items()}).encode()
+
+        def train(params: list[torch.nn.Parameter]) -> float:
+            # the adapters, in named_parameters order = z's index order
+            loss, _ = local_mezo_train(model, params, examples, tau=c.tau,
+                                       batch_size=c.batch_size, eps=c.zo_eps, lr=c.lr,
+                                       pad_id=self.pad_id, seed=seed)
+            return loss
+
+        return device_round(model, payload, round_, len(examples), train)
 
     # -- result -------------------------------------------------------------------------------
     def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
