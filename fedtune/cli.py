@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from fedtune.configbase import ConfigError
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the run's own bar
+    # peft 0.21 calls an API transformers 5 deprecates: nothing a user can act on
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config,
                 "pretrain": pretrain_cli.run}
     try:
