@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_helpers import examples, tiny_model
 
 from fedtune.algorithms import build_algorithm
 from fedtune.algorithms.config import AlgorithmConfig
@@ -18,7 +18,6 @@ from fedtune.algorithms.fedmezo.client import draw_fresh_seeds
 from fedtune.algorithms.fedmezo.config import FedMeZOConfig
 from fedtune.cli import main
 from fedtune.configbase import ConfigError
-from fedtune.data.prompts import TokenizedExample
 from fedtune.wire import MessageError, TensorSpec
 
 
@@ -41,23 +40,6 @@ def test_config_validation_names_key_and_value():
 
 
 # -- the algorithm on a tiny model ---------------------------------------------------------------
-
-
-def tiny_model(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)).to(dtype)
-
-
-def examples(client: int, n: int = 4) -> list[TokenizedExample]:
-    rng = np.random.default_rng(client)
-    out = []
-    for _ in range(n):
-        ids = rng.integers(3, 40, size=int(rng.integers(4, 9))).tolist()
-        out.append(TokenizedExample(ids, [-100, -100] + ids[2:]))
-    return out
 
 
 def make(dtype: torch.dtype = torch.float32):

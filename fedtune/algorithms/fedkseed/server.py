@@ -40,6 +40,7 @@ class FedKSeedServer:
         self._total = 0.0
         self._replies = 0
         self._download: bytes | None = None
+        self._probs: torch.Tensor | None = None  # this round's, computed once in begin_round
         # A after each completed round (K floats a round), for devices that catch up from a
         # cached model; kept in memory only: after a resume such devices get a full download
         self.history: dict[int, torch.Tensor] = {0: self.accumulators.clone()}
@@ -56,9 +57,10 @@ class FedKSeedServer:
         self._inc = np.zeros(k)
         self._round_stats = (np.zeros(k), np.zeros(k), np.zeros(k))
         self._total, self._replies = 0.0, 0
-        probs = torch.from_numpy(self.probabilities()).to(torch.float32) if self.pro else None
+        self._probs = (torch.from_numpy(self.probabilities()).to(torch.float32) if self.pro
+                       else None)
         # the same bytes go to every client of the round: encode once
-        self._download = Download(round_, self.accumulators.clone(), probs).encode()
+        self._download = Download(round_, self.accumulators.clone(), self._probs).encode()
 
     def download(self, round_: int, since: int = 0) -> bytes:
         """The round's download for a device holding the model of round ``since`` (0: w0 only).
@@ -70,8 +72,8 @@ class FedKSeedServer:
             raise RuntimeError(f"download({round_}) outside round {self.round}")
         if since == 0 or since not in self.history:
             return self._download
-        probs = torch.from_numpy(self.probabilities()).to(torch.float32) if self.pro else None
-        return Download(round_, self.accumulators - self.history[since], probs, since).encode()
+        return Download(round_, self.accumulators - self.history[since], self._probs,
+                        since).encode()
 
     def accept(self, payload: bytes) -> ReplyInfo:
         """Validate (raises MessageError) before anything touches the aggregate."""
