@@ -15,7 +15,7 @@ SMALL = [
     "federation.rounds=2", "federation.clients_per_round=2", "data.num_clients=4",
     "data.generated_per_family=6", "algorithm.local_steps=3", "algorithm.batch_size=2",
     "evaluation.max_examples=6", "evaluation.max_new_tokens=6", "evaluation.rouge_interval=1",
-    "model.tiny_vocab_size=300", "algorithm.lr=0.003",
+    "model.path=tiny", "model.tiny_vocab_size=300", "algorithm.lr=0.003",
 ]
 
 # Golden values: fp32 on CPU, torch 2.13.0. They pin the whole pipeline (data generation,

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fedtune.configbase import ConfigError
 from fedtune.models import pretrain_cli
+from fedtune.models.loading import base_model_path, resolve_model_source
 from fedtune.models.pretrain import (
     PretrainConfig,
-    base_model_path,
     learning_rate,
     load_corpus,
     pretrain,
@@ -191,3 +191,14 @@ def test_large_base_model_has_lower_validation_loss() -> None:
         assert summary["command"].startswith("fedtune pretrain ")
         card = (base_model_path(name) / "README.md").read_text()
         assert summary["command"] in card and f"{summary['val_loss']:.4f}" in card
+
+
+def test_small_and_large_name_the_embedded_models_unless_a_directory_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_source("small") == str(base_model_path("small"))
+    assert resolve_model_source("large") == str(base_model_path("large"))
+    (tmp_path / "small").mkdir()
+    assert resolve_model_source("small") == "small"  # a local directory of that name wins
+    with pytest.raises(ValueError, match="unknown base model"):
+        base_model_path("medium")

@@ -16,9 +16,11 @@ DEVICES = ("auto", "cpu", "cuda")
 class ModelConfig:
     path: str = option(
         "tiny",
-        "'tiny': build a tiny random Llama-style model plus a byte-level BPE tokenizer trained on "
-        "the run's own texts (no files or downloads needed). Otherwise a local model directory "
-        "or a hub id (hub ids need network access or a populated HF cache).",
+        "'small' or 'large': fedtune's own base models pre-trained on public-domain books "
+        "(embedded, one shared tokenizer; 2.1M and 8.4M parameters). 'tiny': build a tiny random "
+        "Llama-style model plus a byte-level BPE tokenizer trained on the run's own texts. "
+        "Otherwise a local model directory or a hub id (hub ids need network access or a "
+        "populated HF cache).",
     )
     dtype: str = option(
         "float32",

@@ -33,6 +33,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*(/[A-Za-z0-9][A-Za-z0-9_.\-]*
 
 log = logging.getLogger(__name__)
 
+# The embedded base models (one tokenizer, one vocabulary; BENCHMARKS.md has the commands): a
+# model path of exactly 'small' or 'large' names them, unless a local directory of that name exists.
+BASE_MODELS_DIR = Path(__file__).resolve().parents[1] / "base_models"
+BASE_MODELS = ("small", "large")
+
 PAD_PRESENT = "present"
 PAD_REUSED_EOS = "reused eos"
 PAD_ADDED = "added"
@@ -62,15 +67,25 @@ def is_plausible_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and ".." not in name
 
 
-def _check_source(path_or_id: str | Path) -> str:
+def base_model_path(name: str) -> Path:
+    """The directory of an embedded base model ('small' or 'large'); loads offline as it is."""
+    if name not in BASE_MODELS:
+        raise ValueError(f"unknown base model {name!r}; expected one of {list(BASE_MODELS)}")
+    return BASE_MODELS_DIR / name
+
+
+def resolve_model_source(path_or_id: str | Path) -> str:
     """Return the string to pass to ``from_pretrained``; a missing local path fails clearly.
 
-    An existing path is used as a local directory. Anything else must look like a hub id, so a
-    mistyped local path gives a :class:`FileNotFoundError` naming it instead of a hub error.
+    An existing path is used as a local directory; 'small' and 'large' (when no such directory
+    exists) are the embedded base models. Anything else must look like a hub id, so a mistyped
+    local path gives a :class:`FileNotFoundError` naming it instead of a hub error.
     """
     name = str(path_or_id)
     if Path(name).expanduser().exists():
         return str(Path(name).expanduser())
+    if isinstance(path_or_id, str) and name in BASE_MODELS:
+        return str(base_model_path(name))
     if isinstance(path_or_id, Path) or not is_plausible_hub_id(name):
         raise FileNotFoundError(f"model path {name!r} does not exist (and is not a hub id)")
     return name
@@ -94,7 +109,7 @@ def _from_pretrained(factory: Any, source: str, **kwargs: Any) -> Any:
 def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False
                    ) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a local model directory or a hub id with ``AutoTokenizer``."""
-    source = _check_source(path_or_id)
+    source = resolve_model_source(path_or_id)
     tokenizer: PreTrainedTokenizerBase = _from_pretrained(
         AutoTokenizer, source, trust_remote_code=trust_remote_code
     )
@@ -109,7 +124,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM with ``AutoModelForCausalLM`` in ``dtype`` and move it to ``device``."""
-    source = _check_source(path_or_id)
+    source = resolve_model_source(path_or_id)
     target = device if isinstance(device, torch.device) else resolve_device(device)
     model: PreTrainedModel = _from_pretrained(
         AutoModelForCausalLM, source, dtype=resolve_dtype(dtype),

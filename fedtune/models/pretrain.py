@@ -56,9 +56,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": {"hidden_size": 256, "num_layers": 6, "num_heads": 8},
 }
 CHECKPOINT_FILE = "checkpoint.pt"
-# The embedded base models (one tokenizer, one vocabulary): see BENCHMARKS.md for the commands.
-BASE_MODELS_DIR = Path(__file__).resolve().parents[1] / "base_models"
-BASE_MODELS = ("small", "large")
 NAME_FIELDS = ("file", "id", "name", "title")
 
 
@@ -120,13 +117,6 @@ class PretrainConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(bool(self.val_docs) or self.val_count >= 1, "val_count", self.val_count,
               "must be >= 1 when no val_docs are named (validation needs held-out documents)")
-
-
-def base_model_path(name: str) -> Path:
-    """The directory of an embedded base model ('small' or 'large'); loads offline as it is."""
-    if name not in BASE_MODELS:
-        raise ValueError(f"unknown base model {name!r}; expected one of {list(BASE_MODELS)}")
-    return BASE_MODELS_DIR / name
 
 
 @dataclass
