@@ -333,7 +333,8 @@ def test_checkpoint_refuses_another_seed_pool():
 SMALL = [
     "federation.rounds=2", "federation.clients_per_round=2", "data.num_clients=4",
     "data.generated_per_family=6", "evaluation.max_examples=4", "evaluation.max_new_tokens=4",
-    "evaluation.rouge_interval=0", "model.tiny_vocab_size=300", "algorithm.fedkseed.k_seeds=16",
+    "evaluation.rouge_interval=0", "model.path=tiny", "model.tiny_vocab_size=300",
+    "algorithm.fedkseed.k_seeds=16",
     "algorithm.fedkseed.tau=4", "output.plots=false", "model.tiny_hidden_size=32",
     "model.tiny_layers=1", "evaluation.evaluate_base=false", "evaluation.loss_interval=0",
 ]

@@ -114,7 +114,8 @@ def test_half_precision_base_keeps_fp32_adapters():
 SMALL = [
     "federation.rounds=2", "federation.clients_per_round=2", "data.num_clients=4",
     "data.generated_per_family=6", "evaluation.max_examples=4", "evaluation.max_new_tokens=4",
-    "evaluation.rouge_interval=0", "model.tiny_vocab_size=300", "output.plots=false",
+    "evaluation.rouge_interval=0", "model.path=tiny", "model.tiny_vocab_size=300",
+    "output.plots=false",
     "model.tiny_hidden_size=32", "model.tiny_layers=1", "algorithm.fedmezo.tau=4",
     "algorithm.name=fedmezo",
 ]

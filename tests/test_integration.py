@@ -15,6 +15,7 @@ SMALL = [
     "federation.rounds=2", "federation.clients_per_round=2", "data.num_clients=4",
     "data.generated_per_family=6", "algorithm.local_steps=3", "algorithm.batch_size=2",
     "evaluation.max_examples=6", "evaluation.max_new_tokens=6", "evaluation.rouge_interval=1",
+    "evaluation.loss_interval=1",
     "model.path=tiny", "model.tiny_vocab_size=300", "algorithm.lr=0.003",
 ]
 
@@ -162,7 +163,8 @@ def test_engine_drops_bad_replies_and_failed_clients(tmp_path, monkeypatch):
 
     monkeypatch.setattr(FedAvg, "client_round", flaky)
     out = tmp_path / "r"
-    assert run_cli(out, "federation.rounds=1", "federation.clients_per_round=3") == 0
+    assert run_cli(out, "algorithm.name=fedavg", "federation.rounds=1",
+                   "federation.clients_per_round=3") == 0
     r = rows(out)[1]
     assert (r["accepted"], r["rejected"], r["failed"]) == (1, 1, 1)
     assert len(r["clients"]) == 3

@@ -15,7 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class ModelConfig:
     path: str = option(
-        "tiny",
+        "small",
         "'small' or 'large': fedtune's own base models pre-trained on public-domain books "
         "(embedded, one shared tokenizer; 2.1M and 8.4M parameters). 'tiny': build a tiny random "
         "Llama-style model plus a byte-level BPE tokenizer trained on the run's own texts. "
