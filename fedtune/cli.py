@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from fedtune.configbase import ConfigError
+from fedtune.federation.flower import cli as flower_cli
 from fedtune.models import pretrain_cli
 
 EPILOG = """examples:
@@ -21,6 +22,8 @@ EPILOG = """examples:
   fedtune eval runs/try                         # Rouge-L and eval loss of a run's model
   fedtune generate runs/try --prompt "Reverse the word." --input "cat"
   fedtune config                                # every config key, its default and its help
+  fedtune flower local --set data.num_clients=2 --set federation.clients_per_round=2 --nodes 2
+                                                # a run on 2 local Flower SuperNodes
 """
 
 
@@ -49,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="run directory or model directory")
     e.add_argument("--config", help="TOML config whose data/evaluation sections to use")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--large-url", default="", help="FedPT run: reach the large model at this "
+                   "`fedtune serve-logits` URL (default: the run's URL, else load it here)")
+    e.add_argument("--small", action="store_true",
+                   help="FedPT run: score the tuned small model instead of the proxy-tuned large")
 
     g = sub.add_parser("generate", help="greedy generation from a run or model directory")
     g.add_argument("path", help="run directory or model directory")
@@ -56,12 +63,33 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--input", default="", help="optional input / context of the instruction")
     g.add_argument("--raw", action="store_true", help="send --prompt as is, without the template")
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--large-url", default="", help="FedPT run: the large model's logits service")
+    g.add_argument("--small", action="store_true",
+                   help="FedPT run: generate with the tuned small model instead")
 
     c = sub.add_parser("config", help="list every config key with its default and help")
     c.add_argument("--toml", action="store_true", help="print the defaults as a TOML file")
     c.add_argument("--markdown", action="store_true",
                    help="print the fields as a Markdown table (the README's)")
+    s = sub.add_parser("serve-logits", help="serve a model's next-token logits over HTTP",
+                       description="Serve MODEL's next-token logits (never its weights) over "
+                       "HTTP with an incremental decoding session per request: the black-box "
+                       "large model of FedPT. See fedtune.logits.service for the protocol.")
+    s.add_argument("model", help="model directory or hub id")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=0, help="port (default 0: a free one, printed)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--max-batch", type=int, default=64, help="most rows per session")
+    s.add_argument("--session-ttl", type=float, default=600.0,
+                   help="seconds after which an idle session is dropped")
+    s.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default 0: torch's choice)")
+    s.add_argument("--ready-file", help="write the bound URL to this file once serving")
+    s.add_argument("--parent-pid", type=int, default=0,
+                   help="stop serving when this process exits (set by runs that start it)")
     pretrain_cli.add_parser(sub)
+    flower_cli.add_parser(sub)
     return p
 
 
@@ -96,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from fedtune.algorithms.fedpt.product import manifest_path
     from fedtune.config import load_config
     from fedtune.data.pipeline import build_federated_data
     from fedtune.eval.evaluate import evaluate, select_eval_records
@@ -105,26 +134,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg_file = args.config or (str(path / "config.toml") if (path / "config.toml").is_file()
                                else None)
     cfg = load_config(cfg_file, args.overrides)
-    model, tok = load_model_and_tokenizer(str(_model_dir(path)), cfg.model.dtype,
-                                          cfg.model.device)
     data = build_federated_data(cfg.data)
     ev = cfg.evaluation
     records = select_eval_records(data.eval, ev.max_examples, ev.seed)
-    scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,
-                      batch_size=ev.batch_size, max_length=cfg.data.max_length)
+    if not args.small and manifest_path(path) is not None:  # FedPT: the proxy-tuned large model
+        from fedtune.algorithms.fedpt.product import evaluate_product
+
+        scores = evaluate_product(path, records, cfg, large_url=args.large_url)
+    else:
+        model, tok = load_model_and_tokenizer(str(_model_dir(path)), cfg.model.dtype,
+                                              cfg.model.device)
+        scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,
+                          batch_size=ev.batch_size, max_length=cfg.data.max_length)
     print(json.dumps(scores, indent=1))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from fedtune.algorithms.fedpt.product import manifest_path
     from fedtune.data.prompts import format_prompt
     from fedtune.data.records import Record
     from fedtune.eval.generation import greedy_generate
     from fedtune.models.loading import load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(str(_model_dir(Path(args.path))), "float32", "auto")
     prompt = args.prompt if args.raw else format_prompt(Record(args.prompt, args.input, ""))
+    if not args.small and manifest_path(Path(args.path)) is not None:  # FedPT
+        from fedtune.algorithms.fedpt.product import generate_product
+
+        print(generate_product(Path(args.path), prompt, max_new_tokens=args.max_new_tokens,
+                               large_url=args.large_url))
+        return 0
+    model, tok = load_model_and_tokenizer(str(_model_dir(Path(args.path))), "float32", "auto")
     print(greedy_generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens)[0])
+    return 0
+
+
+def cmd_serve_logits(args: argparse.Namespace) -> int:
+    from fedtune.logits.service import serve
+
+    serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device,
+          max_batch=args.max_batch, ttl_s=args.session_ttl, threads=args.threads,
+          ready_file=args.ready_file, parent_pid=args.parent_pid)
     return 0
 
 
@@ -167,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     # peft 0.21 calls an API transformers 5 deprecates: nothing a user can act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config,
-                "pretrain": pretrain_cli.run}
+                "pretrain": pretrain_cli.run, "serve-logits": cmd_serve_logits,
+                "flower": flower_cli.run}
     try:
         return handlers[args.command](args)
     except ConfigError as e:

@@ -24,7 +24,7 @@ from fedtune.data.pipeline import all_texts, build_federated_data
 from fedtune.data.prompts import tokenize_records
 from fedtune.eval.evaluate import evaluate, select_eval_records
 from fedtune.federation.checkpoint import load_checkpoint, save_checkpoint
-from fedtune.federation.simulation import InProcessEngine
+from fedtune.federation.simulation import EngineFactory, InProcessEngine
 from fedtune.metrics import MetricsLog, peak_memory_mb
 from fedtune.models.loading import load_model_and_tokenizer, resolve_device
 from fedtune.models.tiny import build_tiny_model
@@ -56,23 +56,25 @@ def base_model_path(cfg: RunConfig, run_dir: Path, texts: list[str]) -> str:
 
 
 def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True,
-        stop_after: int | None = None) -> dict[str, Any]:
+        stop_after: int | None = None, engine: EngineFactory | None = None) -> dict[str, Any]:
     """Run (or resume) the federation described by ``cfg`` in ``run_dir``; return the summary.
 
     ``stop_after`` ends the run after that round as if it had been interrupted (for tests).
+    ``engine`` builds the engine that runs the rounds (default: :class:`InProcessEngine`; the
+    Flower ServerApp passes one that sends the same bytes to SuperNodes).
     """
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _add_file_log(run_dir)
     try:
-        return _run(cfg, run_dir, resume, progress, stop_after, t0)
+        return _run(cfg, run_dir, resume, progress, stop_after, t0, engine or InProcessEngine)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
 
 
 def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None,
-         t0: float) -> dict[str, Any]:
+         t0: float, make_engine: EngineFactory) -> dict[str, Any]:
     if not resume:
         save_config(cfg, run_dir / CONFIG_NAME)
     torch.manual_seed(cfg.federation.seed)  # anything left on global RNG is seeded too
@@ -100,7 +102,7 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
                     sum(map(len, data.clients)), cfg.data.max_length)
     ev = cfg.evaluation
     eval_records = select_eval_records(data.eval, ev.max_examples, ev.seed)
-    algorithm = build_algorithm(cfg.algorithm, int(tokenizer.pad_token_id))
+    algorithm = build_algorithm(cfg.algorithm, int(tokenizer.pad_token_id), tokenizer=tokenizer)
     model = algorithm.prepare(model)
 
     def measure(round_: int, final: bool) -> dict[str, float]:
@@ -111,6 +113,13 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
         if not (want_loss or want_rouge) or not eval_records:
             return {}
         algorithm.load_global(model)
+        own = getattr(algorithm, "evaluate", None)  # FedPT scores its product, the proxy
+        if own is not None:
+            scores: dict[str, float] = own(
+                model, tokenizer, eval_records, max_new_tokens=ev.max_new_tokens,
+                batch_size=ev.batch_size, max_length=cfg.data.max_length, rouge=want_rouge,
+                loss=want_loss)
+            return scores
         # a peft model (FedIT) generates and scores like the PreTrainedModel it wraps
         return evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type]
                         max_new_tokens=ev.max_new_tokens,
@@ -141,7 +150,7 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
 
     # -- rounds ----------------------------------------------------------------------------
     fed = cfg.federation
-    engine = InProcessEngine(algorithm, model, clients, fed)
+    engine = make_engine(algorithm, model, clients, fed)
     per_round = fed.clients_in_round(len(clients))
     bar = tqdm(total=fed.rounds * per_round, initial=(start_round - 1) * per_round,
                desc="clients trained", unit="client", disable=not progress, dynamic_ncols=True)
@@ -164,10 +173,15 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
             "accepted": len(res.losses), "rejected": res.rejected, "failed": res.failed,
             "wall_s": res.wall_s, "peak_memory_mb": peak_memory_mb(device),
         }
+        row.update({k: v for k, v in scores.items() if k.startswith("small_")})  # FedPT
         bar.set_postfix(loss=f"{row['train_loss']:.3f}" if row["train_loss"] else "-")
         metrics.append(row)
         if cfg.output.checkpoint:
             save_checkpoint(run_dir, r, algorithm.state_dict(), counters)
+        if getattr(algorithm, "target_met", lambda _: False)(scores):  # FedPT's stopping rule
+            log.info("round %d: the target metric is reached; stopping", r)
+            last = fed.rounds
+            break
     bar.close()
     if last < fed.rounds:
         log.info("stopped after round %d of %d (resume with --resume %s)", last, fed.rounds,
@@ -215,9 +229,10 @@ def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, 
     }
 
 
-def resume(run_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+def resume(run_dir: Path, *, progress: bool = True,
+           engine: EngineFactory | None = None) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its last completed round."""
     cfg_path = run_dir / CONFIG_NAME
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} holds no {CONFIG_NAME}: not a fedtune run directory")
-    return run(load_config(cfg_path), run_dir, resume=True, progress=progress)
+    return run(load_config(cfg_path), run_dir, resume=True, progress=progress, engine=engine)

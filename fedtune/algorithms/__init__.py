@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fedtune.algorithms.base import Algorithm
 from fedtune.algorithms.config import AlgorithmConfig
 
 
-def build_algorithm(cfg: AlgorithmConfig, pad_id: int) -> Algorithm:
-    """The algorithm named by ``cfg.name``."""
+def build_algorithm(cfg: AlgorithmConfig, pad_id: int, tokenizer: Any = None) -> Algorithm:
+    """The algorithm named by ``cfg.name`` (FedPT also needs the small model's tokenizer)."""
     if cfg.name in ("fedavg", "fedit"):
         from fedtune.algorithms.fedavg import FedAvg
 
@@ -20,4 +22,8 @@ def build_algorithm(cfg: AlgorithmConfig, pad_id: int) -> Algorithm:
         from fedtune.algorithms.fedmezo.algorithm import FedMeZO
 
         return FedMeZO(cfg, pad_id)
+    if cfg.name == "fedpt":
+        from fedtune.algorithms.fedpt.algorithm import FedPT
+
+        return FedPT(cfg, pad_id, tokenizer)
     raise ValueError(f"unknown algorithm {cfg.name!r}")

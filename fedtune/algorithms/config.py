@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedmezo.config import FedMeZOConfig
+from fedtune.algorithms.fedpt.config import FedPTConfig
 from fedtune.configbase import check, check_choices, option, section
 
-ALGORITHMS = ("fedavg", "fedit", "fedkseed", "fedkseed-pro", "fedmezo")
+ALGORITHMS = ("fedavg", "fedit", "fedkseed", "fedkseed-pro", "fedmezo", "fedpt")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -37,14 +38,17 @@ class LoraConfig:
 @dataclass
 class AlgorithmConfig:
     name: str = option(
-        "fedavg",
+        "fedkseed",
         "Method: 'fedavg' (full-parameter FedAvg, backprop on devices) or 'fedit' (FedAvg over "
         "LoRA adapters, Zhang et al. 2024), 'fedkseed' (zeroth-order full-parameter tuning over a "
         "pool of K seeds, Qin et al. 2024), 'fedkseed-pro' (the same with importance-weighted "
         "seed sampling) or 'fedmezo' (FedIT's LoRA FedAvg, adapters trained on the device by "
-        "MeZO zeroth-order steps with fresh seeds). The fedkseed methods read "
+        "MeZO zeroth-order steps with fresh seeds) or 'fedpt' (devices tune the small model "
+        "model.path, the server proxy-tunes a black-box large model with it and distils it "
+        "back, Gao et al. 2024). The fedkseed methods read "
         "[algorithm.fedkseed], fedmezo reads [algorithm.fedmezo] and [algorithm.lora]; they "
-        "ignore the backprop settings below.",
+        "ignore the backprop settings below. fedpt reads [algorithm.fedpt] and its device "
+        "trainer's settings.",
         ALGORITHMS,
     )
     local_steps: int = option(20, "Optimizer steps each sampled client takes per round.")
@@ -61,6 +65,9 @@ class AlgorithmConfig:
     fedmezo: FedMeZOConfig = section(
         FedMeZOConfig, "FedMeZO settings: MeZO local training of the LoRA adapters (used by "
                        "'fedmezo').")
+    fedpt: FedPTConfig = section(
+        FedPTConfig, "FedPT settings: the large model, proxy-tuning and server distillation "
+                     "(used by 'fedpt').")
 
     def validate(self, prefix: str = "algorithm") -> None:
         check_choices(self, prefix)
@@ -73,3 +80,4 @@ class AlgorithmConfig:
         self.lora.validate(f"{prefix}.lora")
         self.fedkseed.validate(f"{prefix}.fedkseed")
         self.fedmezo.validate(f"{prefix}.fedmezo")
+        self.fedpt.validate(f"{prefix}.fedpt")

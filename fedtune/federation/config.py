@@ -1,4 +1,4 @@
-"""Config of the federation concern: rounds, client sampling, engine."""
+"""Config of the federation concern: rounds, client sampling, engine, waiting for devices."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ ENGINES = ("inprocess",)
 
 @dataclass
 class FederationConfig:
-    rounds: int = option(10, "Communication rounds.")
+    rounds: int = option(15, "Communication rounds.")
     clients_per_round: int = option(
         4, "Clients sampled per round (uniformly without replacement, seeded by round)."
     )
@@ -29,6 +29,30 @@ class FederationConfig:
         "another on one shared model, every message encoded to bytes and decoded again.",
         ENGINES,
     )
+    min_replies: int = option(
+        1,
+        "Flower engine: a round needs at least this many replies within reply_timeout_s; with "
+        "fewer the run stops after its last completed round (resume it later). Replies that "
+        "arrive are aggregated, sampled devices that stay silent count as failed.",
+    )
+    reply_timeout_s: float = option(
+        600.0,
+        "Flower engine: seconds a round waits for the sampled devices' replies before it "
+        "aggregates those that arrived.",
+    )
+    delta_downloads: bool = option(
+        False,
+        "Flower engine, FedKSeed: each SuperNode keeps the model it last trained from in its "
+        "cache and downloads only the accumulators' change since then (the paper's ΔA; sparse, "
+        "fewer bytes, a missed round is caught up by replay). Equal to the full rebuild up to "
+        "float32 rounding, so not bit for bit; off, every download carries all K accumulators "
+        "and nodes rebuild from w0, exactly as in process.",
+    )
+    node_wait_s: float = option(
+        300.0,
+        "Flower engine: seconds the server waits at start for a SuperNode holding every "
+        "partition (then it starts with those present; a missing one counts as failed).",
+    )
 
     def validate(self, prefix: str = "federation") -> None:
         check_choices(self, prefix)
@@ -37,6 +61,9 @@ class FederationConfig:
               self.clients_per_round, "must be >= 1")
         check(0.0 <= self.client_fraction <= 1.0, f"{prefix}.client_fraction",
               self.client_fraction, "must be in [0, 1]")
+        check(self.min_replies >= 1, f"{prefix}.min_replies", self.min_replies, "must be >= 1")
+        for key in ("reply_timeout_s", "node_wait_s"):
+            check(getattr(self, key) > 0, f"{prefix}.{key}", getattr(self, key), "must be > 0")
 
     def clients_in_round(self, num_clients: int) -> int:
         """How many clients a round samples out of ``num_clients``."""

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -43,6 +44,23 @@ class RoundResult:
         """Sample-weighted mean of the accepted clients' train losses."""
         n = sum(w for _, w in self.losses)
         return sum(loss * w for loss, w in self.losses) / n if n else None
+
+
+class Engine(Protocol):
+    """What the run recipe needs from an engine: one round at a time, the same result shape.
+
+    The in-process engine below and the Flower engine (:mod:`fedtune.federation.flower`) both
+    sample clients with :func:`sample_clients`, seed them with :func:`client_seed` and feed the
+    replies to ``algorithm.accept`` in client-id order, so the same config gives the same rounds.
+    """
+
+    def run_round(self, round_: int,
+                  on_client: Callable[[int], None] | None = None) -> RoundResult: ...
+
+
+# (algorithm, the server's model, every client's examples, federation config) -> engine
+EngineFactory = Callable[
+    [Algorithm, torch.nn.Module, Sequence[Sequence[TokenizedExample]], FederationConfig], Engine]
 
 
 class InProcessEngine:

@@ -15,7 +15,9 @@ parameters (w0) is kept, shared by the simulated devices and the server (a real 
 none: it only ever stores K numbers, plus w0 on disk to export). Rebuilding costs at most K
 generations of z per client per round; an incremental rebuild from a device's cached model is
 possible (the paper's ΔA: :func:`.replay.catch_up_`, ``FedKSeedServer.download(round, since)``)
-but is not what this engine's stateless clients do. Because the rebuild is deterministic, the
+but is not what this engine's stateless clients do; a device with a ``device_cache`` folder (a
+Flower SuperNode with ``federation.delta_downloads``) keeps the model it last trained from there
+and applies only ΔA since then. Because the rebuild is deterministic, the
 engine rebuilds once per round and restores that copy for each client (see ``_set_round_model``).
 
 Master weights: the trainable parameters are kept in float32 (a model loaded in fp16/bf16 is
@@ -26,16 +28,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fedtune.algorithms.base import ReplyInfo
 from fedtune.algorithms.config import AlgorithmConfig
 from fedtune.algorithms.fedkseed.client import local_zo_train
-from fedtune.algorithms.fedkseed.replay import rebuild_, seed_pool
+from fedtune.algorithms.fedkseed.replay import catch_up_, rebuild_, seed_pool
 from fedtune.algorithms.fedkseed.server import FedKSeedServer
 from fedtune.algorithms.fedkseed.wire import Download, Reply
 from fedtune.data.prompts import TokenizedExample
@@ -65,6 +70,8 @@ class FedKSeed:
         self._cached: list[torch.Tensor] = []
         self._cached_acc: torch.Tensor | None = None
         self.param_names: list[str] = []
+        # a device that keeps its round model between rounds (Flower nodes, delta downloads)
+        self.device_cache: Path | None = None
 
     # -- set-up -----------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -87,6 +94,10 @@ class FedKSeed:
     # -- server side --------------------------------------------------------------------------
     def download(self, round_: int, client_id: int) -> bytes:
         return self.server.download(round_)
+
+    def download_since(self, round_: int, since: int) -> bytes:
+        """The download for a device holding the global model of round ``since`` (ΔA)."""
+        return self.server.download(round_, since)
 
     def begin_round(self, round_: int) -> None:
         self.server.begin_round(round_)
@@ -134,12 +145,14 @@ class FedKSeed:
                      examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
         c = self.cfg
         down = Download.decode(payload, c.k_seeds, self.pro, expect_round=round_)
-        if down.since != 0:
-            raise MessageError(f"a change since round {down.since} needs a cached model; this "
-                               "device holds only w0")
         params = trainable(model)
-        # the device's model of this round: w0 and the K accumulators, nothing else
-        self._set_round_model(params, down.accumulators)
+        if down.since != 0:  # the cached model of round `since`, moved on by ΔA
+            self._load_device_model(params, down.since)
+            catch_up_(params, self.pool, down.accumulators, c.lr)
+        else:  # the device's model of this round: w0 and the K accumulators, nothing else
+            self._set_round_model(params, down.accumulators)
+        if self.device_cache is not None:
+            self._save_device_model(params, round_ - 1)
         probs = down.probs.double().numpy() if down.probs is not None else None
         stats, loss, _ = local_zo_train(
             model, params, self.pool, examples, tau=c.tau, batch_size=c.batch_size,
@@ -158,6 +171,36 @@ class FedKSeed:
         if not torch.isfinite(reply.sum_g).all():
             raise MessageError("a seed's sum of g overflows float32")
         return reply.encode(c.k_seeds)
+
+    def _device_model_file(self, round_: int) -> Path:
+        if self.device_cache is None:
+            raise MessageError("a download of the change since an earlier round needs a cached "
+                               "model; this device holds only w0")
+        return self.device_cache / f"fedkseed-round-{round_:06d}.safetensors"
+
+    def _load_device_model(self, params: list[torch.nn.Parameter], since: int) -> None:
+        path = self._device_model_file(since)
+        if not path.is_file():
+            raise MessageError(f"download of the change since round {since}, but this device "
+                               f"does not hold that round's model ({path})")
+        with safe_open(str(path), "pt") as f, torch.no_grad():
+            for name, p in zip(self.param_names, params, strict=True):
+                p.copy_(f.get_tensor(name))
+
+    def _save_device_model(self, params: list[torch.nn.Parameter], round_: int) -> None:
+        """Keep the model of ``round_`` (this round's start) for a later ΔA download.
+
+        The previous one is kept too: the server only learns what a device holds from its
+        reply, so after a reply that never arrived it still sends the change since the older.
+        """
+        path = self._device_model_file(round_)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({n: p.detach().contiguous() for n, p in zip(self.param_names, params,
+                                                               strict=True)}, str(tmp))
+        os.replace(tmp, path)
+        held = sorted(path.parent.glob("fedkseed-round-*.safetensors"))
+        for old in held[:-2]:
+            old.unlink()
 
     # -- result -------------------------------------------------------------------------------
     def seed_log(self) -> dict[str, Any]:

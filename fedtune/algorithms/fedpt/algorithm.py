@@ -1,0 +1,259 @@
+"""FedPT (Gao et al., arXiv 2410.00362), engine-facing glue: a device trainer plus the server's
+proxy-tuning and distillation.
+
+Each round: (1) the server broadcasts the small model, (2) devices tune it (the wrapped device
+trainer: FedIT's LoRA by default, full FedAvg, or FedKSeed's zeroth-order steps), (3) the server
+aggregates (the device trainer's own aggregation), (4) forms the proxy-tuned large model
+s_large + α (s_tuned − s_base) with the large model behind its logits interface, and (5)
+distils it into the aggregated small model on server-held prompts (:mod:`.distill`), which
+becomes the next round's global small model. The messages, their bytes and the device side are
+exactly the device trainer's: FedPT changes only what the server does between rounds.
+
+The run's product, and what every evaluation scores, is the proxy-tuned large model
+(:meth:`FedPT.evaluate`, :mod:`.product`). With FedKSeed devices there is no step (5): devices
+rebuild the model from seeds and the base weights they hold, and a server-side gradient step
+cannot be expressed as seeds (shipping the distilled weights instead would cost the full model
+once per device, which is what FedKSeed devices avoid), so ``distill`` must be false there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import dataclasses
+import json
+import logging
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.algorithms.base import Algorithm, ReplyInfo
+from fedtune.algorithms.config import AlgorithmConfig
+from fedtune.algorithms.fedpt.distill import distill, mean_kl, teacher_targets
+from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
+from fedtune.algorithms.fedpt.product import save_manifest
+from fedtune.algorithms.fedpt.proxy import ProxyModel
+from fedtune.data.prompts import TokenizedExample, prompt_ids
+from fedtune.data.records import Record
+from fedtune.logits import LocalLogits, LogitsSource, RemoteLogits
+from fedtune.logits.service import ServiceProcess, spawn_service
+
+log = logging.getLogger(__name__)
+DISTILL_LOG = "fedpt_distill.json"
+
+
+def distill_records(cfg: Any) -> list[Record]:
+    """The server's own prompt pool (never a device's data), per ``cfg.distill_data``.
+
+    'generated': fedtune's suite drawn with ``distill_seed``, without the families the generated
+    protocol holds out for evaluation.
+    """
+    if cfg.distill_data == "jsonl":
+        out = []
+        for n, line in enumerate(Path(cfg.distill_path).read_text().splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("instruction"), str):
+                    raise ValueError(f"{cfg.distill_path}:{n}: expected an object with a string "
+                                     "'instruction'")
+                out.append(Record(row["instruction"], str(row.get("input") or ""), ""))
+        return out
+    from fedtune.data.generated import FAMILIES, HELDOUT_FAMILIES, generate_family
+
+    per_family = max(4, -(-2 * cfg.distill_prompts // len(FAMILIES)))
+    return [r for name in FAMILIES if name not in HELDOUT_FAMILIES
+            for r in generate_family(name, per_family, cfg.distill_seed)]
+
+
+class FedPT:
+    """The engine-facing algorithm (see :class:`fedtune.algorithms.base.Algorithm`)."""
+
+    def __init__(self, cfg: AlgorithmConfig, pad_id: int, tokenizer: Any) -> None:
+        from fedtune.algorithms import build_algorithm
+
+        if tokenizer is None:
+            raise ValueError("FedPT needs the small model's tokenizer")
+        self.cfg = cfg.fedpt
+        self.inner: Algorithm = build_algorithm(
+            dataclasses.replace(cfg, name=self.cfg.device_trainer), pad_id)
+        self.name = "fedpt"
+        self.pad_id = pad_id
+        self.tokenizer = tokenizer
+        self.model: torch.nn.Module | None = None
+        self.anti_expert: torch.nn.Module | None = None
+        self.large: LogitsSource | None = None
+        self.service: ServiceProcess | None = None
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self._pool: list[Record] | None = None
+
+    # -- set-up -----------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        base = copy.deepcopy(model).eval()  # s_base: the original pre-trained small model
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.anti_expert = base
+        self.model = self.inner.prepare(model)
+        self.large = self._connect()
+        try:
+            self.proxy()  # refuses a large model that does not share the small one's tokenizer
+        except Exception:
+            self.close()
+            raise
+        return self.model
+
+    def _connect(self) -> LogitsSource:
+        c = self.cfg
+        if c.large_access == "url":
+            log.info("FedPT: large model behind %s", c.large_url)
+            return RemoteLogits(c.large_url)
+        device = next(self._model().parameters()).device
+        if c.large_access == "spawn":
+            self.service = spawn_service(c.large_model, device=device.type)
+            atexit.register(self.close)
+            log.info("FedPT: started `fedtune serve-logits %s` (pid %d) on %s", c.large_model,
+                     self.service.process.pid, self.service.url)
+            return RemoteLogits(self.service.url)
+        from fedtune.models.loading import load_model_and_tokenizer
+
+        large, tok = load_model_and_tokenizer(c.large_model, "float32", device)
+        return LocalLogits(large, tok, name=c.large_model)
+
+    def close(self) -> None:
+        """Stop the logits service this run started (if any)."""
+        if self.service is not None:
+            self.service.stop()
+            log.info("FedPT: stopped the logits service (pid %d)", self.service.process.pid)
+            self.service = None
+
+    def _model(self) -> torch.nn.Module:
+        if self.model is None:
+            raise RuntimeError("prepare() must run first")
+        return self.model
+
+    def proxy(self, tuned: torch.nn.Module | None = None) -> ProxyModel:
+        """The proxy-tuned large model with ``tuned`` (default: the device model) as expert."""
+        if self.large is None or self.anti_expert is None:
+            raise RuntimeError("prepare() must run first")
+        tok = self.tokenizer
+        return ProxyModel(self.large, LocalLogits(tuned or self._model(), tok),
+                          LocalLogits(self.anti_expert, tok), alpha=self.cfg.alpha)
+
+    # -- server side --------------------------------------------------------------------------
+    def download(self, round_: int, client_id: int) -> bytes:
+        return self.inner.download(round_, client_id)
+
+    def begin_round(self, round_: int) -> None:
+        self.round = round_
+        if self.cfg.anti_expert == "round-start":
+            model = self._model()
+            self.inner.load_global(model)
+            self.anti_expert = copy.deepcopy(model).eval()
+        self.inner.begin_round(round_)
+
+    def accept(self, payload: bytes) -> ReplyInfo:
+        return self.inner.accept(payload)
+
+    def end_round(self) -> None:
+        self.inner.end_round()
+        if self.cfg.distill:
+            self._distill()
+
+    def _distill(self) -> None:
+        """Steps (4) and (5): teacher continuations on server prompts, then KL into the student."""
+        c, tok, model = self.cfg, self.tokenizer, self._model()
+        self.inner.load_global(model)
+        if self._pool is None:
+            self._pool = distill_records(c)
+        rng = random.Random(f"{c.distill_seed}:{self.round}")
+        records = rng.sample(self._pool, min(c.distill_prompts, len(self._pool)))
+        frozen = copy.deepcopy(model).eval()  # the aggregated model inside the teacher
+        proxy = self.proxy(frozen)
+        targets = teacher_targets(proxy, [prompt_ids(r, tok) for r in records],
+                                  max_new_tokens=c.distill_max_new_tokens,
+                                  eos_id=tok.eos_token_id, pad_id=self.pad_id,
+                                  batch_size=32)  # rows are independent: any batch
+        t, v = c.distill_temperature, proxy.vocab_size
+        # progress is always reported as the KL at T (whatever the training loss)
+        before = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
+        params = [p for p in model.parameters() if p.requires_grad]
+        loss = distill(model, params, targets, steps=c.distill_steps,
+                       batch_size=c.distill_batch_size, lr=c.distill_lr, temperature=t,
+                       pad_id=self.pad_id, vocab_size=v, loss=c.distill_loss,
+                       seed=c.distill_seed * 100_003 + self.round)
+        after = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
+        self._set_global(model)
+        self.history.append({"round": self.round, "sequences": len(targets),
+                             "positions": sum(len(t.logits) for t in targets),
+                             "kl_before": before, "kl_after": after, "train_loss": loss})
+        log.info("FedPT round %d: distilled on %d sequences, KL to the teacher %.4f -> %.4f",
+                 self.round, len(targets), before, after)
+
+    def _set_global(self, model: torch.nn.Module) -> None:
+        """Make the distilled student the global small model the next round broadcasts."""
+        server = getattr(self.inner, "server", None)
+        if server is None or not hasattr(server, "theta"):
+            raise RuntimeError(f"distillation cannot update {self.inner.name}'s global state")
+        server.theta = {n: p.detach().clone() for n, p in model.named_parameters()
+                        if p.requires_grad}
+
+    def load_global(self, model: torch.nn.Module) -> None:
+        self.inner.load_global(model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # the global small model is all: the anti-expert is the base model or rebuilt by
+        # begin_round, the large model never changes (the distillation log is not kept)
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_dict(state)
+
+    # -- device side --------------------------------------------------------------------------
+    def client_round(self, model: torch.nn.Module, payload: bytes,
+                     examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
+        return self.inner.client_round(model, payload, examples, round_, seed)
+
+    # -- evaluation and result ----------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, records: Sequence[Record], *,
+                 max_new_tokens: int, batch_size: int, max_length: int, rouge: bool,
+                 loss: bool) -> dict[str, float]:
+        """Score the product, the proxy-tuned large model (``model`` holds the global small)."""
+        scores = evaluate_proxy(self.proxy(model), tokenizer, records,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                max_length=max_length, rouge=rouge, loss=loss)
+        if rouge and self.cfg.eval_small:
+            from fedtune.eval.evaluate import evaluate
+
+            small = evaluate(model, tokenizer, records,  # type: ignore[arg-type]
+                             max_new_tokens=max_new_tokens, batch_size=batch_size,
+                             max_length=max_length, rouge=True, loss=False)
+            scores["small_rougeL"] = small["rougeL"]
+        return scores
+
+    def target_met(self, scores: dict[str, float]) -> bool:
+        """The stopping rule: the proxy's Rouge-L reached ``stop_rougeL``."""
+        goal = self.cfg.stop_rougeL
+        return goal > 0 and scores.get("rougeL") is not None and scores["rougeL"] >= goal
+
+    def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+        """The tuned small model (the device trainer's export, ``model/``), the anti-expert and
+        ``proxy/fedpt.json``: together the proxy-tuned large model. Stops a spawned service."""
+        model_dir = self.inner.export(model, tokenizer, out_dir)
+        proxy_dir = out_dir / "proxy"
+        anti: Any = self.anti_expert
+        assert anti is not None
+        if hasattr(anti, "merge_and_unload"):  # a round-start snapshot of a LoRA model
+            anti = copy.deepcopy(anti).merge_and_unload()
+        anti.save_pretrained(proxy_dir / "anti_expert")  # type: ignore[operator]
+        tokenizer.save_pretrained(proxy_dir / "anti_expert")
+        info = self.proxy().vocab_size
+        save_manifest(proxy_dir, large_model=self.cfg.large_model,
+                      large_url=self.cfg.large_url if self.cfg.large_access == "url" else "",
+                      alpha=self.cfg.alpha, tuned="../model", anti_expert="anti_expert",
+                      tokenizer_hash=LocalLogits(anti, tokenizer).hash, vocab_size=info)
+        (out_dir / DISTILL_LOG).write_text(json.dumps(self.history, indent=1))
+        self.close()
+        return model_dir

@@ -1,0 +1,150 @@
+"""Distilling the proxy-tuned large model (teacher) into the small model (student), on the server.
+
+Sequence-level distillation on server-held prompts (never the devices' data): the teacher
+continues each prompt greedily (:func:`teacher_targets`), keeping its logits s̃ at every generated
+position; the student is then trained to match those distributions at the same positions, by
+default with
+
+    L = T² · mean over positions of KL( softmax(s̃ / T) ‖ softmax(s_student / T) )
+
+(Hinton et al. 2015: the T² keeps gradient magnitudes comparable across temperatures; the other
+losses are in :func:`kl_to_teacher`). The
+teacher's logits are fixed before the student moves, so the tuned small model inside the teacher
+is the aggregated one, not the student being trained.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedtune.algorithms.fedpt.proxy import ProxyModel, fit_prompts, proxy_decode
+
+LOSSES = ("kl", "reverse-kl", "ce")
+
+
+def kl_to_teacher(teacher: torch.Tensor, student: torch.Tensor, temperature: float,
+                  loss: str = "kl") -> torch.Tensor:
+    """The distillation loss over rows i of (N, V) logits, with p = softmax(teacher / T) and
+    q = softmax(student / T):
+
+    * 'kl': T² · mean_i KL(p_i ‖ q_i) (forward KL, Hinton et al. 2015: the student covers the
+      teacher's whole distribution);
+    * 'reverse-kl': T² · mean_i KL(q_i ‖ p_i) (mode seeking, as in MiniLLM);
+    * 'ce': mean_i −log softmax(student_i)[argmax teacher_i] (hard labels: sequence-level KD of
+      the teacher's greedy output; T unused).
+    """
+    if loss == "ce":
+        return torch.nn.functional.cross_entropy(student.float(), teacher.argmax(-1))
+    t = temperature
+    log_p = torch.log_softmax(teacher.float() / t, dim=-1)
+    log_q = torch.log_softmax(student.float() / t, dim=-1)
+    if loss == "kl":
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (N,)
+    elif loss == "reverse-kl":
+        kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # (N,)
+    else:
+        raise ValueError(f"unknown distillation loss {loss!r}; expected one of {list(LOSSES)}")
+    return kl.mean() * t * t
+
+
+@dataclass
+class Target:
+    """One distillation sequence: ids = prompt + teacher's continuation; the teacher's logits at
+    the ``len(logits)`` positions that predict the continuation."""
+
+    ids: list[int]
+    prompt_len: int
+    logits: torch.Tensor  # (n, V), row j predicts ids[prompt_len + j]
+
+
+def teacher_targets(proxy: ProxyModel, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                    eos_id: int | None, pad_id: int, batch_size: int = 8) -> list[Target]:
+    """Greedy continuations of ``prompts`` by the proxy-tuned model, with its logits."""
+    prompts = fit_prompts(proxy, prompts, max_new_tokens)
+    out: list[Target] = []
+    for start in range(0, len(prompts), min(batch_size, proxy.max_batch)):
+        batch = prompts[start:start + min(batch_size, proxy.max_batch)]
+        dec = proxy_decode(proxy, batch, max_new_tokens=max_new_tokens, eos_id=eos_id,
+                           pad_id=pad_id, keep_logits=True)
+        assert dec.logits is not None
+        for p, toks, logits in zip(batch, dec.tokens, dec.logits, strict=True):
+            if toks:
+                out.append(Target(list(p) + toks, len(p), logits))
+    return out
+
+
+def _student_logits(model: torch.nn.Module, batch: Sequence[Target], pad_id: int,
+                    vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student logits, teacher logits) at the distilled positions of ``batch``, both (N, V)."""
+    device = next(model.parameters()).device
+    width = max(len(t.ids) for t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, t in enumerate(batch):  # right padding: a causal model's real positions ignore it
+        ids[i, :len(t.ids)] = torch.tensor(t.ids)
+        mask[i, :len(t.ids)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+    rows = torch.cat([torch.full((len(t.logits),), i) for i, t in enumerate(batch)])
+    cols = torch.cat([torch.arange(len(t.logits)) + t.prompt_len - 1 for t in batch])
+    student = logits[rows.to(device), cols.to(device), :vocab_size]  # (N, V)
+    teacher = torch.cat([t.logits for t in batch]).to(device)  # (N, V)
+    return student, teacher
+
+
+@torch.no_grad()
+def mean_kl(model: torch.nn.Module, targets: Sequence[Target], *, temperature: float,
+            pad_id: int, vocab_size: int, batch_size: int = 8, loss: str = "kl") -> float:
+    """Position-weighted mean of the distillation loss over ``targets`` (no update)."""
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for start in range(0, len(targets), batch_size):
+        batch = targets[start:start + batch_size]
+        s, t = _student_logits(model, batch, pad_id, vocab_size)
+        total += float(kl_to_teacher(t, s, temperature, loss)) * len(s)
+        n += len(s)
+    model.train(was_training)
+    return total / n if n else float("nan")
+
+
+def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
+            targets: Sequence[Target], *, steps: int, batch_size: int, lr: float,
+            temperature: float, pad_id: int, vocab_size: int, seed: int,
+            loss: str = "kl") -> float:
+    """Train ``params`` of the student ``model`` in place on ``targets``; return the mean loss.
+
+    AdamW, fresh each call; batches are a seeded reshuffle every epoch; dropout (LoRA) is seeded
+    too, so a round's distillation is reproducible (resume gives the same model).
+    """
+    if not targets:
+        raise ValueError("no distillation target (every teacher continuation was empty)")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    was_training = model.training
+    model.train()
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            if len(order) < batch_size:
+                order += rng.permutation(len(targets)).tolist()
+            idx, order = order[:batch_size], order[batch_size:]
+            s, t = _student_logits(model, [targets[i] for i in idx], pad_id, vocab_size)
+            value = kl_to_teacher(t, s, temperature, loss)
+            if not math.isfinite(value.item()):
+                opt.zero_grad(set_to_none=True)
+                continue
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(value.item())
+    model.train(was_training)
+    return float(np.mean(losses)) if losses else float("nan")

@@ -1,0 +1,32 @@
+"""The ClientApp: read the context, decode the task, call the node's round, encode the reply.
+
+The node's settings come from its node config (:class:`fedtune.federation.flower.node.
+NodeSettings`); the work is :func:`fedtune.federation.flower.node.node_round`, the same
+``algorithm.client_round`` call the in-process engine makes. An exception becomes a Flower error
+reply, which the server counts as a failed client.
+"""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtune.federation.flower import messages as wire
+from fedtune.federation.flower.node import NodeSettings, node_round
+
+app = ClientApp()
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    settings = NodeSettings.from_node_config(context.node_config)
+    return Message(wire.partition_answer(settings.partition_id), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    settings = NodeSettings.from_node_config(context.node_config)
+    task = wire.Task.read(msg)
+    up, holds = node_round(settings, task.config_sha256, task.config, task.round,
+                           task.client_id, task.seed, task.payload)
+    return Message(wire.Reply(task.round, task.client_id, up, holds).content(), reply_to=msg)

@@ -1,0 +1,92 @@
+"""The logits interface (:class:`LogitsSource`) and the shared-tokenizer check.
+
+Glossary: B rows in a batch, V the width of a model's logits (its embedding rows, which may be
+padded past the tokenizer's length), ``vocab_size`` the tokenizer's length (the ids that exist).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a client may know of a logits source before using it."""
+
+    logits_width: int  # V: columns of the returned logits (embedding rows, maybe padded)
+    vocab_size: int  # ids in [0, vocab_size) are valid tokens (the tokenizer's length)
+    tokenizer_hash: str  # :func:`tokenizer_hash` of the source's tokenizer
+    max_positions: int | None  # the model's context: prefix + generated tokens must fit
+    max_batch: int  # most rows one session may hold
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SourceInfo:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+
+class LogitsSource(Protocol):
+    """Next-token logits of a model over incremental decoding sessions.
+
+    ``start`` opens a session on B prefixes (lists of token ids, lengths may differ) and returns
+    (session id, float32 logits (B, V) of the token after each prefix); ``step`` appends one token
+    per row and returns the next (B, V) logits (``extend`` appends k tokens per row in one call,
+    for teacher forcing); ``close`` frees the session. A row's logits never depend on the other
+    rows of its batch.
+    """
+
+    def info(self) -> SourceInfo: ...
+
+    def start(self, prefixes: Sequence[Sequence[int]]) -> tuple[str, torch.Tensor]: ...
+
+    def step(self, session: str, tokens: Sequence[int]) -> torch.Tensor: ...
+
+    def extend(self, session: str, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Append k tokens per row at once; logits (B, k, V) after each (teacher forcing)."""
+        ...
+
+    def close(self, session: str) -> None: ...
+
+
+class TokenizerMismatch(ValueError):
+    """Models that do not share one tokenizer cannot be combined token by token."""
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """SHA-256 of the tokenizer's token -> id map (special tokens included).
+
+    Logit arithmetic across models needs exactly this to agree: column i must mean the same token
+    in every model. Two tokenizers with the same map hash alike even if their files differ in
+    irrelevant ways (padding side, model_max_length).
+    """
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
+
+def check_shared_tokenizer(infos: dict[str, SourceInfo]) -> int:
+    """Refuse sources whose tokenizers differ; return the shared vocabulary size.
+
+    ``infos`` maps a role ('large', 'small tuned', ...) to its source's info. Every logits width
+    must cover the vocabulary (a narrower model could not score every token).
+    """
+    hashes = {role: i.tokenizer_hash for role, i in infos.items()}
+    if len(set(hashes.values())) != 1:
+        detail = ", ".join(f"{role}: {h[:12]} (vocab {infos[role].vocab_size})"
+                           for role, h in hashes.items())
+        raise TokenizerMismatch("the models do not share one tokenizer (proxy-tuning adds their "
+                                f"logits token by token): {detail}")
+    vocab = next(iter(infos.values())).vocab_size
+    for role, i in infos.items():
+        if i.logits_width < vocab:
+            raise TokenizerMismatch(f"{role} returns {i.logits_width} logits for a vocabulary of "
+                                    f"{vocab} tokens")
+    return vocab

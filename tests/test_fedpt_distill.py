@@ -1,0 +1,131 @@
+"""FedPT distillation and evaluation of the proxy-tuned model (tiny models, CPU)."""
+
+import copy
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_fedpt_proxy import StubTokenizer, llama
+
+from fedtune.algorithms.fedpt.algorithm import FedPT, distill_records
+from fedtune.algorithms.fedpt.config import FedPTConfig
+from fedtune.algorithms.fedpt.distill import distill, kl_to_teacher, mean_kl, teacher_targets
+from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
+from fedtune.algorithms.fedpt.proxy import ProxyModel
+from fedtune.configbase import ConfigError
+from fedtune.data.generated import HELDOUT_FAMILIES, generate_suite
+from fedtune.eval.evaluate import evaluate
+from fedtune.logits import LocalLogits
+from fedtune.models.loading import load_model_and_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL, LARGE = ROOT / "fedtune/base_models/small", ROOT / "fedtune/base_models/large"
+
+
+def test_kl_by_hand():
+    same = torch.tensor([[1.0, 2.0, 0.5]])
+    assert float(kl_to_teacher(same, same.clone(), 2.0)) == pytest.approx(0.0, abs=1e-7)
+    teacher = torch.log(torch.tensor([[0.5, 0.5]]))
+    student = torch.log(torch.tensor([[0.25, 0.75]]))
+    want = 0.5 * (torch.log(torch.tensor(2.0)) + torch.log(torch.tensor(2 / 3)))
+    assert float(kl_to_teacher(teacher, student, 1.0)) == pytest.approx(float(want), rel=1e-6)
+    # T scales the logits inside and the loss by T² outside (Hinton et al.)
+    t, s = teacher * 3, student * 3
+    assert float(kl_to_teacher(t, s, 3.0)) == pytest.approx(9 * float(want), rel=1e-5)
+
+
+def test_distillation_lowers_the_kl_to_the_teacher_on_held_out_prompts():
+    tok = StubTokenizer(40)
+    large, base, tuned = llama(0, hidden=32), llama(1), llama(2)
+    teacher = ProxyModel(LocalLogits(large, tok), LocalLogits(tuned, tok), LocalLogits(base, tok))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 40, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 8, (40,), generator=g)]
+    kw = {"max_new_tokens": 8, "eos_id": None, "pad_id": 0}
+    train = teacher_targets(teacher, prompts[:32], **kw)
+    held_out = teacher_targets(teacher, prompts[32:], **kw)
+    student = copy.deepcopy(tuned)
+    args = {"temperature": 1.0, "pad_id": 0, "vocab_size": 40}
+    before = mean_kl(student, held_out, **args)
+    train_before = mean_kl(student, train, **args)
+    params = list(student.parameters())
+    distill(student, params, train, steps=40, batch_size=8, lr=3e-3, seed=0, **args)
+    after = mean_kl(student, held_out, **args)
+    assert after < 0.8 * before, (before, after)
+    assert mean_kl(student, train, **args) < train_before
+    # reproducible: the same seed gives the same student
+    again = copy.deepcopy(tuned)
+    distill(again, list(again.parameters()), train, steps=40, batch_size=8, lr=3e-3, seed=0,
+            **args)
+    assert all(torch.equal(a, b) for a, b in zip(student.parameters(), again.parameters(),
+                                                  strict=True))
+
+
+def test_proxy_eval_with_tuned_equal_base_scores_the_large_model():
+    large, tok = load_model_and_tokenizer(LARGE, "float32", "cpu")
+    small, _ = load_model_and_tokenizer(SMALL, "float32", "cpu")
+    records = generate_suite(1, seed=5)[:6]
+    proxy = ProxyModel(LocalLogits(large, tok), LocalLogits(small, tok), LocalLogits(small, tok))
+    kw = {"max_new_tokens": 6, "batch_size": 4, "max_length": 128}
+    got = evaluate_proxy(proxy, tok, records, **kw)
+    want = evaluate(large, tok, records, **kw)
+    assert got["rougeL"] == want["rougeL"]
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+
+
+def test_distillation_prompts_are_the_servers_own():
+    cfg = FedPTConfig(distill_prompts=48)
+    pool = distill_records(cfg)
+    assert len(pool) >= 48 and not {r.category for r in pool} & set(HELDOUT_FAMILIES)
+    assert distill_records(cfg) == pool  # deterministic: a function of distill_seed only
+    other = distill_records(FedPTConfig(distill_prompts=48, distill_seed=1))
+    assert [r.input for r in other] != [r.input for r in pool]
+
+
+def test_config_rejects_impossible_combinations():
+    with pytest.raises(ConfigError, match="device_trainer = 'fedkseed'"):
+        FedPTConfig(device_trainer="fedkseed").validate("algorithm.fedpt")
+    FedPTConfig(device_trainer="fedkseed", distill=False).validate("algorithm.fedpt")
+    with pytest.raises(ConfigError, match="large_url"):
+        FedPTConfig(large_access="url").validate("algorithm.fedpt")
+    with pytest.raises(ConfigError, match="distill_temperature"):
+        FedPTConfig(distill_temperature=0.0).validate("algorithm.fedpt")
+
+
+def test_stopping_rule():
+    fake = SimpleNamespace(cfg=SimpleNamespace(stop_rougeL=0.5))
+    assert FedPT.target_met(fake, {"rougeL": 0.5})  # type: ignore[arg-type]
+    assert not FedPT.target_met(fake, {"rougeL": 0.49})  # type: ignore[arg-type]
+    assert not FedPT.target_met(fake, {"eval_loss": 1.0})  # type: ignore[arg-type]
+    off = SimpleNamespace(cfg=SimpleNamespace(stop_rougeL=0.0))
+    assert not FedPT.target_met(off, {"rougeL": 1.0})  # type: ignore[arg-type]
+
+
+def test_proxy_eval_loss_batches_rows_so_each_fits_the_context():
+    from fedtune.algorithms.fedpt.evaluate import proxy_eval_loss
+    from fedtune.data.prompts import TokenizedExample
+
+    tok = StubTokenizer(40)
+    large, small = llama(0, hidden=32), llama(1)  # 64 positions
+    proxy = ProxyModel(LocalLogits(large, tok), LocalLogits(small, tok), LocalLogits(small, tok))
+    long_prompt = TokenizedExample([5] * 50 + [6] * 5, [-100] * 50 + [6] * 5)
+    long_answer = TokenizedExample([7] * 5 + [8] * 50, [-100] * 5 + [8] * 50)
+    both = proxy_eval_loss(proxy, [long_prompt, long_answer], pad_id=0, batch_size=8)
+    one = proxy_eval_loss(proxy, [long_prompt], pad_id=0, batch_size=8)
+    two = proxy_eval_loss(proxy, [long_answer], pad_id=0, batch_size=8)
+    assert both == pytest.approx((5 * one + 50 * two) / 55, rel=1e-6)
+
+
+def test_other_losses_by_hand():
+    teacher = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    student = torch.log(torch.tensor([[0.25, 0.75], [0.5, 0.5]]))
+    rev = (0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+           + 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)) / 2
+    assert float(kl_to_teacher(teacher, student, 1.0, "reverse-kl")) == pytest.approx(rev, rel=1e-5)
+    # hard labels: the teacher's argmax is column 0 in both rows (a tie takes the first)
+    ce = -(math.log(0.25) + math.log(0.5)) / 2
+    assert float(kl_to_teacher(teacher, student, 5.0, "ce")) == pytest.approx(ce, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown distillation loss"):
+        kl_to_teacher(teacher, student, 1.0, "l2")

@@ -1,0 +1,111 @@
+"""The logits service: started and stopped here on 127.0.0.1; equal to in-process; robust."""
+
+import copy
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune.algorithms.fedpt.proxy import ProxyModel, proxy_decode, proxy_generate_ids
+from fedtune.logits import LocalLogits, LogitsServiceError, RemoteLogits
+from fedtune.logits.service import spawn_service
+from fedtune.models.loading import load_model_and_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL, LARGE = ROOT / "fedtune/base_models/small", ROOT / "fedtune/base_models/large"
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = spawn_service(str(LARGE), device="cpu", max_batch=4, threads=1, timeout=120)
+    try:
+        yield svc
+    finally:
+        svc.stop()  # by its pid
+        assert svc.process.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def pair():
+    large, tok = load_model_and_tokenizer(LARGE, "float32", "cpu")
+    small, _ = load_model_and_tokenizer(SMALL, "float32", "cpu")
+    tuned = copy.deepcopy(small)
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return large, small, tuned, tok
+
+
+def test_service_reports_its_tokenizer_and_shape(service, pair):
+    large, _, _, tok = pair
+    assert RemoteLogits(service.url).info() == LocalLogits(large, tok, max_batch=4,
+                                                           name=str(LARGE)).info()
+
+
+def test_proxy_generation_through_the_service_equals_in_process(service, pair):
+    large, small, tuned, tok = pair
+    prompts = [tok(t)["input_ids"] for t in ("Once upon a time", "The river ran", "She said",
+                                             "### Instruction:\nName a colour.\n\n### Response:\n")]
+    kw = {"max_new_tokens": 16, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
+          "batch_size": 3}
+    remote = ProxyModel(RemoteLogits(service.url), LocalLogits(tuned, tok),
+                        LocalLogits(small, tok))
+    local = ProxyModel(LocalLogits(large, tok), LocalLogits(tuned, tok), LocalLogits(small, tok))
+    got = proxy_generate_ids(remote, prompts, **kw)
+    assert got == proxy_generate_ids(local, prompts, **kw)
+    assert got != proxy_generate_ids(ProxyModel(*local.sources(), alpha=0.0), prompts, **kw)
+    a = proxy_decode(remote, prompts[:2], max_new_tokens=4, eos_id=None, pad_id=0,
+                     keep_logits=True).logits
+    b = proxy_decode(local, prompts[:2], max_new_tokens=4, eos_id=None, pad_id=0,
+                     keep_logits=True).logits
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
+
+
+def _post(url: str, path: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=body,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_malformed_requests_get_errors_and_the_service_stays_up(service):
+    client = RemoteLogits(service.url)
+    vocab = client.info().vocab_size
+    cases = [
+        ({"prefixes": [[1, vocab]]}, 400, f"token id {vocab}"),
+        ({"prefixes": [[1, -1]]}, 400, "token id -1"),
+        ({"prefixes": [[1, "a"]]}, 400, "token id 'a'"),
+        ({"prefixes": [[1]] * 5}, 400, "exceeds the limit of 4"),
+        ({"prefixes": []}, 400, "non-empty"),
+        ({"prefixes": [[1] * 300]}, 400, "exceeds the model's 256 positions"),
+        ({"prefix": [[1]]}, 400, "non-empty"),
+    ]
+    for payload, status, message in cases:
+        code, err = _post(service.url, "/start", json.dumps(payload).encode())
+        assert code == status and message in err["error"], (payload, code, err)
+    code, err = _post(service.url, "/start", b"{not json")
+    assert code == 400 and "malformed JSON" in err["error"]
+    code, err = _post(service.url, "/step", json.dumps({"session": "nope", "tokens": [1]}).encode())
+    assert code == 404 and "unknown session" in err["error"]
+    code, err = _post(service.url, "/nowhere", b"{}")
+    assert code == 404
+    with pytest.raises(LogitsServiceError, match="HTTP 404"):
+        client.close("nope")
+    sid, logits = client.start([[5, 6, 7], [8]])
+    with pytest.raises(LogitsServiceError, match="one token per row"):
+        client.step(sid, [1])
+    assert client.step(sid, [1, 2]).shape == (2, client.info().logits_width)  # still serving
+    with pytest.raises(LogitsServiceError, match="same number"):
+        client.extend(sid, [[1, 2], [3]])
+    assert client.extend(sid, [[1, 2], [3, 4]]).shape == (2, 2, client.info().logits_width)
+    client.close(sid)
+    with pytest.raises(LogitsServiceError, match="unknown session"):
+        client.step(sid, [1, 2])
+    assert service.process.poll() is None

@@ -1,0 +1,64 @@
+"""``fedtune flower``: certificates, the app folder, refusals before any process starts."""
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from cryptography.hazmat.primitives.serialization import (  # noqa: E402
+    load_pem_private_key,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+
+from fedtune.cli import main  # noqa: E402
+from fedtune.federation.flower import APP_DIR  # noqa: E402
+from fedtune.federation.flower.local import LocalFederation  # noqa: E402
+
+
+def test_certs_make_a_chain_for_the_hosts_and_node_keys(tmp_path, capsys):
+    assert main(["flower", "certs", str(tmp_path), "--nodes", "2", "--host", "10.1.2.3",
+                 "--host", "link.example.org"]) == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert sans.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    key = load_pem_private_key((tmp_path / "server.key").read_bytes(), None)
+    assert key.public_key() == server.public_key()
+    for i in range(2):
+        private = load_ssh_private_key((tmp_path / f"node-{i}").read_bytes(), None)
+        public = load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+        assert private.public_key() == public
+        assert (tmp_path / f"node-{i}").stat().st_mode & 0o077 == 0  # private: owner only
+
+
+def test_app_prints_the_flower_project(capsys):
+    assert main(["flower", "app"]) == 0
+    assert capsys.readouterr().out.strip() == str(APP_DIR)
+    text = (APP_DIR / "pyproject.toml").read_text()
+    assert "fedtune.federation.flower.server_app:app" in text and (APP_DIR / "LICENSE").is_file()
+
+
+def test_local_refuses_a_node_count_other_than_the_clients(tmp_path, capsys):
+    assert main(["flower", "local", "--set", "data.num_clients=2", "--set",
+                 "federation.clients_per_round=2", "--nodes", "3",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "--nodes" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_needs_an_absolute_run_directory(capsys):
+    assert main(["flower", "run", "--superlink", "x", "--out", "relative/dir"]) == 2
+    assert "absolute" in capsys.readouterr().err
+
+
+def test_local_federation_checks_its_arguments(tmp_path):
+    with pytest.raises(ValueError, match="at least one"):
+        LocalFederation(tmp_path, 0)
+    with pytest.raises(ValueError, match="simulation"):
+        LocalFederation(tmp_path, 2, simulation=True, node_config={"model-dir": "x"})
