@@ -20,7 +20,7 @@ class EvalConfig:
         "(original order kept). 0 = evaluate every held-out record.",
     )
     loss_interval: int = option(
-        3, "Rounds between eval-loss measurements; 0 = only before round 1 and after the last."
+        2, "Rounds between eval-loss measurements; 0 = only before round 1 and after the last."
     )
     rouge_interval: int = option(
         0,

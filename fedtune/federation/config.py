@@ -11,7 +11,7 @@ ENGINES = ("inprocess",)
 
 @dataclass
 class FederationConfig:
-    rounds: int = option(15, "Communication rounds.")
+    rounds: int = option(10, "Communication rounds.")
     clients_per_round: int = option(
         4, "Clients sampled per round (uniformly without replacement, seeded by round)."
     )
