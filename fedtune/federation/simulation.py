@@ -39,6 +39,18 @@ class RoundResult:
     failed: int = 0
     wall_s: float = 0.0
 
+    def fold_reply(self, alg: Algorithm, client_id: int, payload: bytes) -> None:
+        """Count one reply's bytes and fold it into ``alg``'s aggregate; a reply that fails
+        validation is logged, counted as rejected and never reaches the global state."""
+        self.bytes_up.append(len(payload))
+        try:
+            info = alg.accept(payload)
+        except MessageError as e:
+            log.warning("round %d: reply of client %d rejected: %s", self.round, client_id, e)
+            self.rejected += 1
+            return
+        self.losses.append((info.train_loss, info.num_samples))
+
     @property
     def train_loss(self) -> float | None:
         """Sample-weighted mean of the accepted clients' train losses."""
@@ -94,14 +106,7 @@ class InProcessEngine:
             finally:
                 if on_client is not None:
                     on_client(cid)
-            res.bytes_up.append(len(up))
-            try:
-                info = alg.accept(up)
-            except MessageError as e:
-                log.warning("round %d: reply of client %d rejected: %s", round_, cid, e)
-                res.rejected += 1
-                continue
-            res.losses.append((info.train_loss, info.num_samples))
+            res.fold_reply(alg, cid, up)
         if res.failed == len(ids):
             raise RuntimeError(f"round {round_}: every client failed") from last_error
         alg.end_round()

@@ -200,15 +200,8 @@ class FlowerEngine:
                 self.holds.pop(got.client_id, None)
         res.failed += len(sent) - len(arrived) - res.rejected
         for cid in sorted(arrived):  # the in-process engine's order
-            up = arrived[cid]
-            res.bytes_up.append(len(up))
             try:
-                info = alg.accept(up)
-            except MessageError as e:
-                log.warning("round %d: reply of client %d rejected: %s", round_, cid, e)
-                res.rejected += 1
-            else:
-                res.losses.append((info.train_loss, info.num_samples))
+                res.fold_reply(alg, cid, arrived[cid])
             finally:
                 if on_client is not None:
                     on_client(cid)
