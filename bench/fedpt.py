@@ -13,8 +13,9 @@ eval subset and greedy decoding (Rouge-L F):
 
 Gap closed = (Rouge-L of FedPT − base large) / (direct − base large). Device cost per client and
 round: bytes up + down (from the runs), and one local round measured in a fresh process per arm
-(``--device-cost ARM``): wall time of ``client_round`` and peak RSS above the process's RSS
-before the model was loaded (the model, its training state and activations; CPU).
+(``--device-cost ARM``): wall time of ``client_round`` and the peak RSS (VmHWM, reset just before
+the model is loaded) above the RSS at that moment: the model, its training state, activations and
+the allocator's working memory on CPU; imports and the data do not count.
 Dolly needs ``../shared/data/dolly`` beside the repository.
 """
 
@@ -24,7 +25,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,16 +54,24 @@ ARMS: dict[str, list[str]] = {
               "algorithm.fedpt.distill_steps=16"] + FEDIT,
     "fedpt-fedkseed": ["algorithm.name=fedpt", "model.path=small",
                        "algorithm.fedpt.large_model=large",
-                       "algorithm.fedpt.device_trainer=fedkseed", "algorithm.fedpt.distill=false",
+                       "algorithm.fedpt.device_trainer=fedkseed",
                        "algorithm.fedkseed.k_seeds=1024", "algorithm.fedkseed.tau=50",
                        "algorithm.fedkseed.lr=1e-4", "algorithm.fedkseed.batch_size=1"],
 }
 
 
-def _rss_mb() -> float:
-    """Current resident set size (Linux /proc), MB."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mb(key: str) -> float:
+    """A ``/proc/self/status`` memory figure (VmRSS, VmHWM: the peak RSS), MB (Linux)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak_rss() -> None:
+    """Start VmHWM over from the current RSS (Linux >= 4.0: ``clear_refs`` value 5), so the peak
+    measured next belongs to what runs after this call, not to imports or data building."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
@@ -78,7 +86,8 @@ def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
 
     cfg = load_config(None, overrides + ARMS[arm])
     data = build_federated_data(cfg.data)
-    rss0 = _rss_mb()
+    _reset_peak_rss()
+    rss0 = _status_mb("VmRSS")
     model, tok = load_model_and_tokenizer(cfg.model.path, "float32", "cpu")
     acfg = cfg.algorithm
     if acfg.name == "fedpt":  # the device runs only the device trainer on the small model
@@ -92,7 +101,7 @@ def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
     t0 = time.perf_counter()
     up = alg.client_round(model, down, examples, 1, seed=0)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     params = sum(p.numel() for p in model.parameters())
     return {"arm": arm, "local_round_s": wall, "peak_rss_mb": peak,
             "device_mb": peak - rss0, "bytes_down": len(down), "bytes_up": len(up),

@@ -9,9 +9,16 @@ import pytest
 import torch
 from test_fedpt_proxy import StubTokenizer, llama
 
+from fedtune.algorithms.fedkseed.replay import rebuild_, seed_pool
 from fedtune.algorithms.fedpt.algorithm import FedPT, distill_records
 from fedtune.algorithms.fedpt.config import FedPTConfig
-from fedtune.algorithms.fedpt.distill import distill, kl_to_teacher, mean_kl, teacher_targets
+from fedtune.algorithms.fedpt.distill import (
+    distill,
+    distill_zo,
+    kl_to_teacher,
+    mean_kl,
+    teacher_targets,
+)
 from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
 from fedtune.algorithms.fedpt.proxy import ProxyModel
 from fedtune.configbase import ConfigError
@@ -63,6 +70,42 @@ def test_distillation_lowers_the_kl_to_the_teacher_on_held_out_prompts():
                                                   strict=True))
 
 
+def test_zeroth_order_distillation_lowers_the_kl_and_devices_replay_it():
+    """FedKSeed devices: the server's ZO distillation steps travel as per-seed sums of g, and
+    the replay w0 - lr sum_j A_j z(s_j) from those sums alone lands on the distilled student."""
+    tok = StubTokenizer(40)
+    large, base, tuned = llama(0, hidden=32), llama(1), llama(2)
+    with torch.no_grad():  # a confident expert: a teacher far from the base student
+        tuned.lm_head.weight.mul_(20.0)
+    teacher = ProxyModel(LocalLogits(large, tok), LocalLogits(tuned, tok), LocalLogits(base, tok))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 40, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 8, (40,), generator=g)]
+    kw = {"max_new_tokens": 8, "eos_id": None, "pad_id": 0}
+    train = teacher_targets(teacher, prompts[:32], **kw)
+    held_out = teacher_targets(teacher, prompts[32:], **kw)
+    args = {"temperature": 1.0, "pad_id": 0, "vocab_size": 40}
+    student = copy.deepcopy(base)
+    params = list(student.parameters())
+    w0 = [p.detach().clone() for p in params]
+    before = mean_kl(student, held_out, **args)
+    pool = seed_pool(3, 64)
+    sums, loss = distill_zo(student, params, pool, train, steps=300, batch_size=8, eps=1e-3,
+                            lr=1e-2, seed=0, **args)
+    assert math.isfinite(loss) and 0 < len(sums) <= 64
+    after = mean_kl(student, held_out, **args)
+    assert after < 0.85 * before, (before, after)
+    # a device holding w0 and the accumulators rebuilds the distilled student
+    acc = torch.zeros(64)
+    for j, s in sums.items():
+        acc[j] = s
+    device = copy.deepcopy(base)
+    rebuild_(list(device.parameters()), w0, pool, acc, 1e-2)
+    for a, b in zip(device.parameters(), student.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert mean_kl(device, held_out, **args) == pytest.approx(after, rel=1e-3)
+
+
 def test_proxy_eval_with_tuned_equal_base_scores_the_large_model():
     large, tok = load_model_and_tokenizer(LARGE, "float32", "cpu")
     small, _ = load_model_and_tokenizer(SMALL, "float32", "cpu")
@@ -85,9 +128,7 @@ def test_distillation_prompts_are_the_servers_own():
 
 
 def test_config_rejects_impossible_combinations():
-    with pytest.raises(ConfigError, match="device_trainer = 'fedkseed'"):
-        FedPTConfig(device_trainer="fedkseed").validate("algorithm.fedpt")
-    FedPTConfig(device_trainer="fedkseed", distill=False).validate("algorithm.fedpt")
+    FedPTConfig(device_trainer="fedkseed").validate("algorithm.fedpt")  # ZO distillation
     with pytest.raises(ConfigError, match="large_url"):
         FedPTConfig(large_access="url").validate("algorithm.fedpt")
     with pytest.raises(ConfigError, match="distill_temperature"):

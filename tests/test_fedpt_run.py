@@ -2,9 +2,15 @@
 
 import json
 import logging
+import math
 from pathlib import Path
 
+import torch
+
+from fedtune.algorithms.fedkseed.algorithm import SEED_LOG
+from fedtune.algorithms.fedkseed.replay import rebuild_
 from fedtune.cli import main
+from fedtune.models.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL, LARGE = ROOT / "fedtune/base_models/small", ROOT / "fedtune/base_models/large"
@@ -50,10 +56,31 @@ def test_fedpt_run_with_the_large_model_behind_the_service(tmp_path, capsys, cap
                  "--input", "2 + 3", "--max-new-tokens", "4"]) == 0
 
 
-def test_fedpt_with_fedkseed_devices_sends_a_few_kb(tmp_path):
-    rows = run_cli(tmp_path / "ks", "algorithm.fedpt.device_trainer=fedkseed",
-                   "algorithm.fedpt.distill=false", "algorithm.fedpt.large_access=in-process",
+def test_fedpt_with_fedkseed_devices_distils_through_the_seeds(tmp_path):
+    """FedKSeed devices: a few KB each way, and the server's zeroth-order distillation reaches
+    the devices through the per-seed accumulators alone."""
+    out = tmp_path / "ks"
+    rows = run_cli(out, "algorithm.fedpt.device_trainer=fedkseed", "federation.rounds=2",
+                   "algorithm.fedpt.large_access=in-process", "algorithm.fedpt.distill_zo_steps=8",
                    "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=2")
-    assert rows[1]["bytes_up_per_client"] < 2_000 and rows[1]["bytes_down_per_client"] < 2_000
-    assert (tmp_path / "ks" / "proxy" / "fedpt.json").is_file()
-    assert json.loads((tmp_path / "ks" / "fedpt_distill.json").read_text()) == []
+    for r in rows[1:]:  # round 2's download carries the distillation too: still K floats
+        assert r["bytes_up_per_client"] < 2_000 and r["bytes_down_per_client"] < 2_000
+    assert (out / "proxy" / "fedpt.json").is_file()
+    distilled = json.loads((out / "fedpt_distill.json").read_text())
+    assert [d["round"] for d in distilled] == [1, 2]
+    assert all(math.isfinite(d["kl_before"]) and math.isfinite(d["kl_after"]) for d in distilled)
+    # the exported small model (after round 2's distillation) is w0 replayed with the seed log
+    log = json.loads((out / SEED_LOG).read_text())
+    base, _ = load_model_and_tokenizer(SMALL, "float32", "cpu")
+    exported, _ = load_model_and_tokenizer(out / "model", "float32", "cpu")
+    params = list(base.parameters())
+    rebuild_(params, [p.detach().clone() for p in params], log["seed_pool"],
+             torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
+    for p, q in zip(params, exported.parameters(), strict=True):
+        assert torch.equal(p, q)
+    # and without distillation the accumulators (so the devices' model) are different
+    plain = tmp_path / "plain"
+    run_cli(plain, "algorithm.fedpt.device_trainer=fedkseed", "federation.rounds=2",
+            "algorithm.fedpt.large_access=in-process", "algorithm.fedpt.distill=false",
+            "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=2")
+    assert json.loads((plain / SEED_LOG).read_text())["accumulators"] != log["accumulators"]

@@ -11,7 +11,7 @@ from fedtune.zo.perturb import (
     restore_and_update_,
     z_for,
 )
-from fedtune.zo.step import zo_loss, zo_step
+from fedtune.zo.step import zo_loss, zo_step, zo_step_on
 
 __all__ = ["add_z_", "fill_z_", "new_z_buffer", "param_seed", "perturb_", "replay_",
-           "restore_and_update_", "z_for", "zo_loss", "zo_step"]
+           "restore_and_update_", "z_for", "zo_loss", "zo_step", "zo_step_on"]

@@ -58,25 +58,36 @@ def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
     """
     if model.training:
         raise RuntimeError("zo_step needs the model in eval() mode (dropout off)")
+    return zo_step_on(lambda: zo_loss(model, batch), params, seed, eps, lr, losses,
+                      keep_z=keep_z, z_buffer=z_buffer, workers=workers)
+
+
+@torch.no_grad()
+def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], seed: int,
+               eps: float, lr: float, losses: list[float] | None = None, *,
+               keep_z: bool = False, z_buffer: Sequence[torch.Tensor] | None = None,
+               workers: int | None = None) -> float | None:
+    """:func:`zo_step` for any scalar ``objective`` of ``params`` (evaluated at θ ± εz; it must
+    be deterministic, e.g. a model in ``eval()`` mode on a fixed batch): the language-model loss
+    on devices, the distillation loss on a FedPT server."""
     if keep_z or z_buffer is not None:
         z = list(z_buffer) if z_buffer is not None else new_z_buffer(params)
         if len(z) != len(params) or any(
                 a.shape != b.shape for a, b in zip(z, params, strict=True)):
             raise ValueError("z_buffer must hold one tensor shaped like each parameter")
         fill_z_(z, seed, workers=workers)
-        return _two_point(model, batch, eps, lr, losses,
-                          lambda scale: add_z_(params, z, scale))
-    return _two_point(model, batch, eps, lr, losses,
+        return _two_point(objective, eps, lr, losses, lambda scale: add_z_(params, z, scale))
+    return _two_point(objective, eps, lr, losses,
                       lambda scale: perturb_(params, seed, scale, workers=workers))
 
 
-def _two_point(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], eps: float, lr: float,
+def _two_point(objective: Callable[[], float], eps: float, lr: float,
                losses: list[float] | None, move: Callable[[float], None]) -> float | None:
     """The step itself, ``move(scale)`` adding scale·z in place."""
     move(eps)
-    loss_plus = zo_loss(model, batch)
+    loss_plus = objective()
     move(-2.0 * eps)
-    loss_minus = zo_loss(model, batch)
+    loss_minus = objective()
     if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
         move(eps)
         return None

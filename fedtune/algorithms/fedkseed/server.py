@@ -15,6 +15,7 @@ probabilities once per round, in ``begin_round``. A round with no valid reply ch
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -105,6 +106,21 @@ class FedKSeedServer:
                 self.sum_g + sg, self.sum_abs_clip + sa, self.count + cnt)
         self.history[self.round] = self.accumulators.clone()
         self._inc, self._round_stats, self._download = None, None, None
+
+    def add_server_steps(self, sum_g: Mapping[int, float]) -> None:
+        """Fold ZO steps the server itself took after ``end_round`` (FedPT's distillation, its
+        seeds from the same pool) into A: A_j ← A_j + Σ g_j, so the devices' replay of A
+        includes them. Pro statistics are left alone: they rank seeds by the devices' gradients.
+        """
+        if self._inc is not None:
+            raise RuntimeError("add_server_steps() must come after end_round()")
+        a = self.accumulators.double().numpy().copy()
+        for j, g in sum_g.items():
+            if not 0 <= j < self.cfg.k_seeds or not np.isfinite(g):
+                raise ValueError(f"server step on seed index {j} with g = {g}")
+            a[j] += g
+        self.accumulators = torch.from_numpy(a).to(torch.float32)
+        self.history[self.round] = self.accumulators.clone()
 
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:

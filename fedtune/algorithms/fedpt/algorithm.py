@@ -10,10 +10,12 @@ becomes the next round's global small model. The messages, their bytes and the d
 exactly the device trainer's: FedPT changes only what the server does between rounds.
 
 The run's product, and what every evaluation scores, is the proxy-tuned large model
-(:meth:`FedPT.evaluate`, :mod:`.product`). With FedKSeed devices there is no step (5): devices
-rebuild the model from seeds and the base weights they hold, and a server-side gradient step
-cannot be expressed as seeds (shipping the distilled weights instead would cost the full model
-once per device, which is what FedKSeed devices avoid), so ``distill`` must be false there.
+(:meth:`FedPT.evaluate`, :mod:`.product`). With FedKSeed devices, step (5) must reach devices
+that rebuild the model from w0 and K per-seed accumulators: a gradient step cannot be written
+that way (and shipping the distilled weights would cost the full model per device, which is what
+FedKSeed devices avoid), so the server distils by zeroth-order steps along the pool's own seeds
+(:func:`.distill.distill_zo`) and adds their Σ g to the accumulators: the next download is still
+K scalars, and every device's replay lands on the distilled model.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ import torch
 
 from fedtune.algorithms.base import Algorithm, ReplyInfo
 from fedtune.algorithms.config import AlgorithmConfig
-from fedtune.algorithms.fedpt.distill import distill, mean_kl, teacher_targets
+from fedtune.algorithms.fedkseed.algorithm import FedKSeed
+from fedtune.algorithms.fedpt.distill import distill, distill_zo, mean_kl, teacher_targets
 from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
 from fedtune.algorithms.fedpt.product import save_manifest
 from fedtune.algorithms.fedpt.proxy import ProxyModel
@@ -180,12 +183,21 @@ class FedPT:
         # progress is always reported as the KL at T (whatever the training loss)
         before = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
         params = [p for p in model.parameters() if p.requires_grad]
-        loss = distill(model, params, targets, steps=c.distill_steps,
-                       batch_size=c.distill_batch_size, lr=c.distill_lr, temperature=t,
-                       pad_id=self.pad_id, vocab_size=v, loss=c.distill_loss,
-                       seed=c.distill_seed * 100_003 + self.round)
+        seed = c.distill_seed * 100_003 + self.round
+        if isinstance(self.inner, FedKSeed):
+            ks = self.inner.cfg
+            sums, loss = distill_zo(model, params, self.inner.pool, targets,
+                                    steps=c.distill_zo_steps, batch_size=c.distill_batch_size,
+                                    eps=ks.zo_eps, lr=ks.lr, temperature=t, pad_id=self.pad_id,
+                                    vocab_size=v, loss=c.distill_loss, seed=seed)
+            self.inner.server.add_server_steps(sums)
+            self.inner.load_global(model)  # what devices rebuild from the accumulators
+        else:
+            loss = distill(model, params, targets, steps=c.distill_steps,
+                           batch_size=c.distill_batch_size, lr=c.distill_lr, temperature=t,
+                           pad_id=self.pad_id, vocab_size=v, loss=c.distill_loss, seed=seed)
+            self._set_global(model)
         after = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
-        self._set_global(model)
         self.history.append({"round": self.round, "sequences": len(targets),
                              "positions": sum(len(t.logits) for t in targets),
                              "kl_before": before, "kl_after": after, "train_loss": loss})

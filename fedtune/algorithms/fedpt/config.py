@@ -61,8 +61,10 @@ class FedPTConfig:
     distill: bool = option(
         True,
         "Distil the proxy-tuned large model (teacher) into the aggregated small model (student) "
-        "after every round. Must be false with device_trainer = 'fedkseed': a gradient step on "
-        "the server cannot be expressed as the seed log devices replay.",
+        "after every round. With device_trainer = 'fedkseed' the server distils by "
+        "zeroth-order steps along the same K seeds (distill_zo_steps, FedKSeed's lr and "
+        "zo_eps) and folds them into the per-seed accumulators, so devices still download only "
+        "K scalars and replay the distilled model.",
     )
     distill_data: str = option(
         "generated",
@@ -76,7 +78,12 @@ class FedPTConfig:
     distill_max_new_tokens: int = option(
         32, "The teacher continues each prompt greedily for at most this many tokens; the KL is "
             "taken at every position of that continuation (sequence-level distillation).")
-    distill_steps: int = option(16, "Optimizer steps of distillation per round.")
+    distill_steps: int = option(16, "Optimizer steps of distillation per round (AdamW; "
+                                    "device trainers 'fedit' and 'fedavg').")
+    distill_zo_steps: int = option(
+        200, "With device_trainer = 'fedkseed': zeroth-order steps of distillation per round, "
+             "each along z(s) of one pool seed (zeroth-order steps move far less than AdamW's, "
+             "hence more of them; each costs two forwards of the small model).")
     distill_batch_size: int = option(8, "Sequences per distillation step.")
     distill_lr: float = option(1e-3, "AdamW learning rate of distillation (the student's "
                                      "trainable parameters: LoRA adapters or the full model).")
@@ -101,13 +108,10 @@ class FedPTConfig:
         check(self.large_access != "url" or self.large_url.startswith(("http://", "https://")),
               f"{prefix}.large_url", self.large_url,
               "large_access = 'url' needs an http:// URL of `fedtune serve-logits`")
-        check(not (self.distill and self.device_trainer == "fedkseed"), f"{prefix}.distill",
-              self.distill, "must be false with device_trainer = 'fedkseed' (FedKSeed devices "
-              "rebuild the model from seeds; server-side gradient steps cannot reach them)")
         check(self.distill_data != "jsonl" or bool(self.distill_path), f"{prefix}.distill_path",
               self.distill_path, "distill_data = 'jsonl' needs a file")
         for key in ("distill_prompts", "distill_max_new_tokens", "distill_steps",
-                    "distill_batch_size"):
+                    "distill_zo_steps", "distill_batch_size"):
             value = getattr(self, key)
             check(value >= 1, f"{prefix}.{key}", value, "must be >= 1")
         check(self.distill_lr > 0, f"{prefix}.distill_lr", self.distill_lr, "must be > 0")

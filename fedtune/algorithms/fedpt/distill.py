@@ -22,7 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedtune.algorithms.fedkseed.client import draw_seed_indices
 from fedtune.algorithms.fedpt.proxy import ProxyModel, fit_prompts, proxy_decode
+from fedtune.zo.step import zo_step_on
 
 LOSSES = ("kl", "reverse-kl", "ce")
 
@@ -148,3 +150,41 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
             losses.append(value.item())
     model.train(was_training)
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def distill_zo(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Sequence[int],
+               targets: Sequence[Target], *, steps: int, batch_size: int, eps: float, lr: float,
+               temperature: float, pad_id: int, vocab_size: int, seed: int,
+               loss: str = "kl") -> tuple[dict[int, float], float]:
+    """Distillation for FedKSeed devices: ``steps`` two-point zeroth-order steps on the
+    distillation loss, each along z(s_j) for a pool seed s_j, ``params`` updated in place.
+
+    Returns ({pool index j: Σ g_j}, mean loss). Those sums are all the devices need: the
+    server adds them to its accumulators A, and every device's replay w0 − lr Σ_j A_j z(s_j)
+    then includes the distillation, so FedKSeed devices still download only K scalars. ``lr``
+    and ``eps`` must be FedKSeed's (the replay scales A by its lr).
+    """
+    if not targets:
+        raise ValueError("no distillation target (every teacher continuation was empty)")
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    sums: dict[int, float] = {}
+    losses: list[float] = []
+    was_training = model.training
+    model.eval()  # both points must see the same function
+
+    for j in draw_seed_indices(len(pool), steps, seed):
+        if len(order) < batch_size:
+            order += rng.permutation(len(targets)).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = [targets[i] for i in idx]
+
+        def objective(batch: Sequence[Target] = batch) -> float:
+            s, t = _student_logits(model, batch, pad_id, vocab_size)
+            return float(kl_to_teacher(t, s, temperature, loss))
+
+        g = zo_step_on(objective, params, pool[j], eps, lr, losses)
+        if g is not None:
+            sums[j] = sums.get(j, 0.0) + g
+    model.train(was_training)
+    return sums, float(np.mean(losses)) if losses else float("nan")
