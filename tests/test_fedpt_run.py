@@ -84,3 +84,32 @@ def test_fedpt_with_fedkseed_devices_distils_through_the_seeds(tmp_path):
             "algorithm.fedpt.large_access=in-process", "algorithm.fedpt.distill=false",
             "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=2")
     assert json.loads((plain / SEED_LOG).read_text())["accumulators"] != log["accumulators"]
+
+
+def test_resume_keeps_the_distillation_log_and_gives_the_same_model(tmp_path, monkeypatch):
+    from fedtune.federation.simulation import InProcessEngine
+
+    extra = ["algorithm.fedpt.device_trainer=fedkseed", "federation.rounds=2",
+             "algorithm.fedpt.large_access=in-process", "algorithm.fedpt.distill_zo_steps=4",
+             "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=2"]
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    run_cli(straight, *extra)
+    real = InProcessEngine.run_round
+
+    def interrupted(self, round_, on_client=None):
+        if round_ == 2:
+            raise KeyboardInterrupt
+        return real(self, round_, on_client)
+
+    monkeypatch.setattr(InProcessEngine, "run_round", interrupted)
+    args = ["run", "--quiet", "--out", str(broken)]
+    for s in COMMON + extra:
+        args += ["--set", s]
+    assert main(args) == 130
+    monkeypatch.setattr(InProcessEngine, "run_round", real)
+    assert main(["run", "--quiet", "--resume", str(broken)]) == 0
+    log = json.loads((straight / "fedpt_distill.json").read_text())
+    assert [d["round"] for d in log] == [1, 2]
+    assert json.loads((broken / "fedpt_distill.json").read_text()) == log
+    assert ((straight / "model" / "model.safetensors").read_bytes()
+            == (broken / "model" / "model.safetensors").read_bytes())

@@ -46,6 +46,8 @@ from fedtune.logits.service import ServiceProcess, spawn_service
 
 log = logging.getLogger(__name__)
 DISTILL_LOG = "fedpt_distill.json"
+_LOG_KEY = "fedpt_distill_log"  # the distillation log in checkpoints, one row per round
+_LOG_FIELDS = ("round", "sequences", "positions", "kl_before", "kl_after", "train_loss")
 
 
 def distill_records(cfg: Any) -> list[Record]:
@@ -216,12 +218,23 @@ class FedPT:
         self.inner.load_global(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        # the global small model is all: the anti-expert is the base model or rebuilt by
-        # begin_round, the large model never changes (the distillation log is not kept)
-        return self.inner.state_dict()
+        # the global small model and the distillation log: the anti-expert is the base model or
+        # rebuilt by begin_round, the large model never changes
+        state = self.inner.state_dict()
+        state[_LOG_KEY] = torch.tensor([[row[k] for k in _LOG_FIELDS] for row in self.history],
+                                       dtype=torch.float64).reshape(-1, len(_LOG_FIELDS))
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        state = dict(state)
+        rows = state.pop(_LOG_KEY, None)
         self.inner.load_state_dict(state)
+        if rows is not None:
+            if rows.ndim != 2 or rows.shape[1] != len(_LOG_FIELDS):
+                raise ValueError(f"checkpoint tensor {_LOG_KEY!r} has shape {tuple(rows.shape)}")
+            self.history = [{k: (int(v) if k in ("round", "sequences", "positions") else float(v))
+                             for k, v in zip(_LOG_FIELDS, row.tolist(), strict=True)}
+                            for row in rows]
 
     # -- device side --------------------------------------------------------------------------
     def client_round(self, model: torch.nn.Module, payload: bytes,
