@@ -136,17 +136,22 @@ def _cost_in_subprocess(arm: str, overrides: list[str]) -> dict[str, Any]:
     return result
 
 
+def _common(data: str, rounds: int, clients_per_round: int, eval_examples: int,
+            max_new_tokens: int) -> list[str]:
+    if data == "dolly" and not DOLLY.is_file():
+        raise FileNotFoundError(f"{DOLLY} is missing: the Dolly benchmark needs Dolly-15k")
+    return DATA[data] + COMMON + [
+        f"federation.rounds={rounds}", f"federation.clients_per_round={clients_per_round}",
+        f"evaluation.max_examples={eval_examples}", f"evaluation.max_new_tokens={max_new_tokens}"]
+
+
 def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
           max_new_tokens: int, arms: list[str]) -> dict[str, Any]:
     from fedtune.config import load_config
     from fedtune.metrics import read_metrics
     from fedtune.runner import run
 
-    if data == "dolly" and not DOLLY.is_file():
-        raise FileNotFoundError(f"{DOLLY} is missing: the Dolly benchmark needs Dolly-15k")
-    common = DATA[data] + COMMON + [
-        f"federation.rounds={rounds}", f"federation.clients_per_round={clients_per_round}",
-        f"evaluation.max_examples={eval_examples}", f"evaluation.max_new_tokens={max_new_tokens}"]
+    common = _common(data, rounds, clients_per_round, eval_examples, max_new_tokens)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for arm in arms:
@@ -258,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the arms in their own processes, --jobs at a time (same figures; "
                          "the wall and device times then share the cores)")
     ap.add_argument("--jobs", type=int, default=2, help="with --parallel: arms at a time")
+    ap.add_argument("--cost-only", action="store_true",
+                    help="only the device cost of one local round per arm, one arm at a time "
+                         "(no federated runs): for timings on otherwise idle cores")
     ap.add_argument("--device-cost", metavar="ARM", help=argparse.SUPPRESS)
     ap.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -267,6 +275,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.rounds, args.clients_per_round, args.eval_examples, args.max_new_tokens = 2, 3, 20, 24
+    if args.cost_only:
+        common = _common(args.data, args.rounds, args.clients_per_round, args.eval_examples,
+                         args.max_new_tokens)
+        costs = {arm: _cost_in_subprocess(arm, common) for arm in args.arms.split(",")}
+        if args.json:
+            print(json.dumps(costs, indent=1))
+        else:
+            for arm, d in costs.items():
+                print(f"{arm:<24} local round {d['local_round_s']:6.2f} s  device memory "
+                      f"{d['device_mb']:5.0f} MB  down {d['bytes_down']:>9} B  up "
+                      f"{d['bytes_up']:>9} B  {d['model_params']:,} parameters")
+        return 0
     if args.parallel:
         r = _parallel(args)
     else:
