@@ -64,7 +64,9 @@ class FedPTConfig:
         "after every round. With device_trainer = 'fedkseed' the server distils by "
         "zeroth-order steps along the same K seeds (distill_zo_steps, FedKSeed's lr and "
         "zo_eps) and folds them into the per-seed accumulators, so devices still download only "
-        "K scalars and replay the distilled model.",
+        "K scalars and replay the distilled model. The paper's step; measured on fedtune's "
+        "base pair it costs the proxy much of its gain (a student that matches the teacher "
+        "carries s_large, so the next proxy counts s_large - s_base twice: BENCHMARKS.md).",
     )
     distill_data: str = option(
         "generated",
