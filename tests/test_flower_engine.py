@@ -245,3 +245,38 @@ def test_fedpt_devices_run_their_device_trainer(tmp_path):
                                                                     tmp_path / "flower"))
     assert comparable(tmp_path / "inprocess") == comparable(tmp_path / "flower")
     assert model_hash(tmp_path / "inprocess") == model_hash(tmp_path / "flower")
+
+
+@pytest.mark.slow  # three rounds of FedPT, each with the server's distillation, twice
+def test_fedpt_fedkseed_devices_catch_up_on_the_servers_distillation(tmp_path):
+    """FedPT with FedKSeed devices and delta downloads: the server's zeroth-order distillation
+    lives in the accumulators, so a node that replays only ΔA since the model it holds lands on
+    the distilled model: equal to the in-process run (full rebuilds) up to float32 rounding."""
+    root = Path(__file__).resolve().parents[1] / "fedtune" / "base_models"
+    cfg = ("algorithm.name=fedpt", f"model.path={json.dumps(str(root / 'small'))}",
+           f"algorithm.fedpt.large_model={json.dumps(str(root / 'large'))}",
+           "algorithm.fedpt.large_access=in-process", "algorithm.fedpt.device_trainer=fedkseed",
+           "federation.rounds=3", "federation.delta_downloads=true", "data.max_length=128",
+           "algorithm.fedpt.distill_prompts=4", "algorithm.fedpt.distill_zo_steps=6",
+           "algorithm.fedpt.distill_max_new_tokens=6", "algorithm.fedpt.eval_small=false")
+    from fedtune.algorithms.fedkseed.wire import Download
+
+    runner.run(config(*cfg), tmp_path / "inprocess", progress=False)
+    grid = LocalGrid(client_app, 2, tmp_path / "nodes")
+    serve(grid, run_config(config(*cfg), tmp_path / "flower"))
+    since = {}
+    for m in grid.pushed:
+        if m.metadata.message_type == "train":
+            task = wire.Task.read(m)
+            since[task.round] = Download.decode(task.payload, 16, False,
+                                                expect_round=task.round).since
+    assert since == {1: 0, 2: 0, 3: 1}  # round 3: only ΔA since round 1's distilled model
+    flower, inproc = comparable(tmp_path / "flower"), comparable(tmp_path / "inprocess")
+    for a, b in zip(flower, inproc, strict=True):
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-4)
+    acc = [json.loads((d / "fedkseed_seeds.json").read_text())["accumulators"]
+           for d in (tmp_path / "flower", tmp_path / "inprocess")]
+    assert acc[0] == pytest.approx(acc[1], rel=1e-2, abs=1e-2)
+    logs = [json.loads((d / "fedpt_distill.json").read_text())
+            for d in (tmp_path / "flower", tmp_path / "inprocess")]
+    assert [x["round"] for x in logs[0]] == [1, 2, 3]

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,13 @@ class FedPT:
     # -- server side --------------------------------------------------------------------------
     def download(self, round_: int, client_id: int) -> bytes:
         return self.inner.download(round_, client_id)
+
+    @property
+    def download_since(self) -> Callable[[int, int], bytes] | None:
+        """The device trainer's ΔA download (FedKSeed devices with delta downloads; engines
+        look it up and fall back to :meth:`download` when it is None). The server's
+        distillation is in A, so ΔA carries it."""
+        return getattr(self.inner, "download_since", None)
 
     def begin_round(self, round_: int) -> None:
         self.round = round_
