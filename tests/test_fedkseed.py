@@ -24,7 +24,6 @@ from fedtune.algorithms.fedkseed.server import FedKSeedServer
 from fedtune.algorithms.fedkseed.wire import Download, Reply
 from fedtune.cli import main
 from fedtune.configbase import ConfigError
-from fedtune.federation.simulation import InProcessEngine
 from fedtune.wire import MessageError
 
 # -- FedKSeed-Pro probabilities ------------------------------------------------------------------
@@ -365,19 +364,12 @@ def test_two_rounds_through_the_cli_are_reproducible(tmp_path):
         assert r["bytes_up_per_client"] <= 21 + 6 * 4  # at most tau (index, sum g) pairs
 
 
-def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, monkeypatch):
+def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, interrupt_at_round):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert run_cli(straight, "algorithm.name=fedkseed-pro") == 0
-    real = InProcessEngine.run_round
-
-    def interrupted(self, round_, on_client=None):
-        if round_ == 2:
-            raise KeyboardInterrupt
-        return real(self, round_, on_client)
-
-    monkeypatch.setattr(InProcessEngine, "run_round", interrupted)
+    interrupt_at_round(2)
     assert run_cli(broken, "algorithm.name=fedkseed-pro") == 130
-    monkeypatch.setattr(InProcessEngine, "run_round", real)
+    interrupt_at_round(None)
     assert main(["run", "--quiet", "--resume", str(broken)]) == 0
     assert model_hash(straight / "model") == model_hash(broken / "model")
     rows = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]

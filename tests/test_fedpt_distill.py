@@ -43,16 +43,24 @@ def test_kl_by_hand():
     assert float(kl_to_teacher(t, s, 3.0)) == pytest.approx(9 * float(want), rel=1e-5)
 
 
-def test_distillation_lowers_the_kl_to_the_teacher_on_held_out_prompts():
+def teacher_and_targets(expert_scale: float = 1.0):
+    """Tiny (base, tuned) pair, the proxy over them as teacher, and its targets on 32 training
+    and 8 held-out random prompts. ``expert_scale`` sharpens the tuned model's head."""
     tok = StubTokenizer(40)
     large, base, tuned = llama(0, hidden=32), llama(1), llama(2)
+    with torch.no_grad():
+        tuned.lm_head.weight.mul_(expert_scale)
     teacher = ProxyModel(LocalLogits(large, tok), LocalLogits(tuned, tok), LocalLogits(base, tok))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 40, (int(n),), generator=g).tolist()
                for n in torch.randint(2, 8, (40,), generator=g)]
     kw = {"max_new_tokens": 8, "eos_id": None, "pad_id": 0}
-    train = teacher_targets(teacher, prompts[:32], **kw)
-    held_out = teacher_targets(teacher, prompts[32:], **kw)
+    return (base, tuned, teacher_targets(teacher, prompts[:32], **kw),
+            teacher_targets(teacher, prompts[32:], **kw))
+
+
+def test_distillation_lowers_the_kl_to_the_teacher_on_held_out_prompts():
+    _, tuned, train, held_out = teacher_and_targets()
     student = copy.deepcopy(tuned)
     args = {"temperature": 1.0, "pad_id": 0, "vocab_size": 40}
     before = mean_kl(student, held_out, **args)
@@ -73,17 +81,8 @@ def test_distillation_lowers_the_kl_to_the_teacher_on_held_out_prompts():
 def test_zeroth_order_distillation_lowers_the_kl_and_devices_replay_it():
     """FedKSeed devices: the server's ZO distillation steps travel as per-seed sums of g, and
     the replay w0 - lr sum_j A_j z(s_j) from those sums alone lands on the distilled student."""
-    tok = StubTokenizer(40)
-    large, base, tuned = llama(0, hidden=32), llama(1), llama(2)
-    with torch.no_grad():  # a confident expert: a teacher far from the base student
-        tuned.lm_head.weight.mul_(20.0)
-    teacher = ProxyModel(LocalLogits(large, tok), LocalLogits(tuned, tok), LocalLogits(base, tok))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 40, (int(n),), generator=g).tolist()
-               for n in torch.randint(2, 8, (40,), generator=g)]
-    kw = {"max_new_tokens": 8, "eos_id": None, "pad_id": 0}
-    train = teacher_targets(teacher, prompts[:32], **kw)
-    held_out = teacher_targets(teacher, prompts[32:], **kw)
+    # a confident expert: a teacher far from the base student
+    base, _, train, held_out = teacher_and_targets(expert_scale=20.0)
     args = {"temperature": 1.0, "pad_id": 0, "vocab_size": 40}
     student = copy.deepcopy(base)
     params = list(student.parameters())

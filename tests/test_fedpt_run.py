@@ -86,27 +86,18 @@ def test_fedpt_with_fedkseed_devices_distils_through_the_seeds(tmp_path):
     assert json.loads((plain / SEED_LOG).read_text())["accumulators"] != log["accumulators"]
 
 
-def test_resume_keeps_the_distillation_log_and_gives_the_same_model(tmp_path, monkeypatch):
-    from fedtune.federation.simulation import InProcessEngine
-
+def test_resume_keeps_the_distillation_log_and_gives_the_same_model(tmp_path, interrupt_at_round):
     extra = ["algorithm.fedpt.device_trainer=fedkseed", "federation.rounds=2",
              "algorithm.fedpt.large_access=in-process", "algorithm.fedpt.distill_zo_steps=4",
              "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=2"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_cli(straight, *extra)
-    real = InProcessEngine.run_round
-
-    def interrupted(self, round_, on_client=None):
-        if round_ == 2:
-            raise KeyboardInterrupt
-        return real(self, round_, on_client)
-
-    monkeypatch.setattr(InProcessEngine, "run_round", interrupted)
+    interrupt_at_round(2)
     args = ["run", "--quiet", "--out", str(broken)]
     for s in COMMON + extra:
         args += ["--set", s]
     assert main(args) == 130
-    monkeypatch.setattr(InProcessEngine, "run_round", real)
+    interrupt_at_round(None)
     assert main(["run", "--quiet", "--resume", str(broken)]) == 0
     log = json.loads((straight / "fedpt_distill.json").read_text())
     assert [d["round"] for d in log] == [1, 2]

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from fedtune.cli import main
-from fedtune.federation.simulation import InProcessEngine
 
 SMALL = [
     "federation.rounds=2", "federation.clients_per_round=2", "data.num_clients=4",
@@ -91,23 +90,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedit"])
-def test_resume_after_interrupt_gives_the_same_model(tmp_path, monkeypatch, algorithm):
+def test_resume_after_interrupt_gives_the_same_model(tmp_path, interrupt_at_round, algorithm):
     straight = tmp_path / "straight"
     assert run_cli(straight, f"algorithm.name={algorithm}", "federation.rounds=3") == 0
 
     broken = tmp_path / "broken"
-    real = InProcessEngine.run_round
-
-    def interrupted(self, round_, on_client=None):
-        if round_ == 2:
-            raise KeyboardInterrupt
-        return real(self, round_, on_client)
-
-    monkeypatch.setattr(InProcessEngine, "run_round", interrupted)
+    interrupt_at_round(2)
     assert run_cli(broken, f"algorithm.name={algorithm}", "federation.rounds=3") == 130
     assert [x["round"] for x in rows(broken)] == [0, 1]
     assert not (broken / "model").exists()
-    monkeypatch.setattr(InProcessEngine, "run_round", real)
+    interrupt_at_round(None)
 
     assert main(["run", "--quiet", "--resume", str(broken)]) == 0
     a, b = final_weights(straight), final_weights(broken)
