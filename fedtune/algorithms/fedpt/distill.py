@@ -16,7 +16,7 @@ is the aggregated one, not the student being trained.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +98,18 @@ def _student_logits(model: torch.nn.Module, batch: Sequence[Target], pad_id: int
     return student, teacher
 
 
+def _batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless full batches of indices into ``n`` targets: a seeded reshuffle whenever fewer
+    than ``batch_size`` are left, the leftovers carried into the next epoch's batch."""
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.permutation(n).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
 @torch.no_grad()
 def mean_kl(model: torch.nn.Module, targets: Sequence[Target], *, temperature: float,
             pad_id: int, vocab_size: int, batch_size: int = 8, loss: str = "kl") -> float:
@@ -126,8 +138,7 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
     if not targets:
         raise ValueError("no distillation target (every teacher continuation was empty)")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
+    batches = _batches(len(targets), batch_size, seed)
     losses: list[float] = []
     was_training = model.training
     model.train()
@@ -135,10 +146,8 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for _ in range(steps):
-            if len(order) < batch_size:
-                order += rng.permutation(len(targets)).tolist()
-            idx, order = order[:batch_size], order[batch_size:]
-            s, t = _student_logits(model, [targets[i] for i in idx], pad_id, vocab_size)
+            s, t = _student_logits(model, [targets[i] for i in next(batches)], pad_id,
+                                   vocab_size)
             value = kl_to_teacher(t, s, temperature, loss)
             if not math.isfinite(value.item()):
                 opt.zero_grad(set_to_none=True)
@@ -166,18 +175,14 @@ def distill_zo(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Seq
     """
     if not targets:
         raise ValueError("no distillation target (every teacher continuation was empty)")
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
+    batches = _batches(len(targets), batch_size, seed)
     sums: dict[int, float] = {}
     losses: list[float] = []
     was_training = model.training
     model.eval()  # both points must see the same function
 
     for j in draw_seed_indices(len(pool), steps, seed):
-        if len(order) < batch_size:
-            order += rng.permutation(len(targets)).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        batch = [targets[i] for i in idx]
+        batch = [targets[i] for i in next(batches)]
 
         def objective(batch: Sequence[Target] = batch) -> float:
             s, t = _student_logits(model, batch, pad_id, vocab_size)
