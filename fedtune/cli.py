@@ -145,27 +145,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tok = load_model_and_tokenizer(str(_model_dir(path)), cfg.model.dtype,
                                               cfg.model.device)
         scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,
-                          batch_size=ev.batch_size, max_length=cfg.data.max_length)
+                          batch_size=ev.batch_size, max_length=cfg.data.max_length,
+                          template=cfg.data.template, progress=True)
     print(json.dumps(scores, indent=1))
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from fedtune.algorithms.fedpt.product import manifest_path
-    from fedtune.data.prompts import format_prompt
+    from fedtune.config import load_config
+    from fedtune.data.prompts import format_prompt, prompt_ids, stop_token_ids
     from fedtune.data.records import Record
-    from fedtune.eval.generation import greedy_generate
+    from fedtune.eval.generation import encode_prompt, greedy_generate_ids
     from fedtune.models.loading import load_model_and_tokenizer
 
-    prompt = args.prompt if args.raw else format_prompt(Record(args.prompt, args.input, ""))
-    if not args.small and manifest_path(Path(args.path)) is not None:  # FedPT
+    path = Path(args.path)
+    record = Record(args.prompt, args.input, "")
+    if not args.small and manifest_path(path) is not None:  # FedPT
         from fedtune.algorithms.fedpt.product import generate_product
 
-        print(generate_product(Path(args.path), prompt, max_new_tokens=args.max_new_tokens,
+        prompt = args.prompt if args.raw else format_prompt(record)
+        print(generate_product(path, prompt, max_new_tokens=args.max_new_tokens,
                                large_url=args.large_url))
         return 0
-    model, tok = load_model_and_tokenizer(str(_model_dir(Path(args.path))), "float32", "auto")
-    print(greedy_generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens)[0])
+    # a run directory prompts in its own template; a bare model directory in 'auto'
+    template = (load_config(path / "config.toml").data.template
+                if (path / "config.toml").is_file() else "auto")
+    model, tok = load_model_and_tokenizer(str(_model_dir(path)), "float32", "auto")
+    ids = encode_prompt(tok, args.prompt) if args.raw else prompt_ids(record, tok, template)
+    print(greedy_generate_ids(model, tok, [ids], max_new_tokens=args.max_new_tokens,
+                              stop_ids=stop_token_ids(tok, template))[0])
     return 0
 
 

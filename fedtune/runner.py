@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fedtune.algorithms import build_algorithm
 from fedtune.config import RunConfig, load_config, save_config
 from fedtune.data.pipeline import all_texts, build_federated_data
-from fedtune.data.prompts import tokenize_records
+from fedtune.data.prompts import resolve_template, tokenize_records
 from fedtune.eval.evaluate import evaluate, select_eval_records
 from fedtune.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.federation.simulation import EngineFactory, InProcessEngine
@@ -86,20 +86,18 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
              data.summary.format_table())
     model: torch.nn.Module
     model, tokenizer = load_model_and_tokenizer(
-        base_model_path(cfg, run_dir, all_texts(data)), cfg.model.dtype, cfg.model.device)
+        base_model_path(cfg, run_dir, all_texts(data)), cfg.model.dtype, cfg.model.device,
+        cache_dir=cfg.model.cache_dir or None)
     device = resolve_device(cfg.model.device)
-    clients = []
-    for i, records in enumerate(data.clients):
-        examples = tokenize_records(records, tokenizer, cfg.data.max_length, quiet=True)
-        if not examples:
-            raise ValueError(f"client {i} has no trainable example after tokenisation "
-                             f"(data.max_length = {cfg.data.max_length} too small?)")
-        clients.append(examples)
-    dropped = sum(map(len, data.clients)) - sum(map(len, clients))
-    if dropped:
-        log.warning("dropped %d of %d training records whose prompt alone fills "
-                    "data.max_length = %d (no response token left to train on)", dropped,
-                    sum(map(len, data.clients)), cfg.data.max_length)
+    template = resolve_template(tokenizer, cfg.data.template)
+    log.info("prompt template: %s (data.template = %r)", template, cfg.data.template)
+    clients = [tokenize_records(records, tokenizer, cfg.data.max_length, quiet=True,
+                                template=template) for records in data.clients]
+    cut = sum(len(ex.input_ids) >= cfg.data.max_length for c in clients for ex in c)
+    if cut:
+        log.info("%d of %d training examples reach data.max_length = %d (longer prompts lost "
+                 "middle tokens; answers are kept first)", cut, sum(map(len, clients)),
+                 cfg.data.max_length)
     ev = cfg.evaluation
     eval_records = select_eval_records(data.eval, ev.max_examples, ev.seed)
     algorithm = build_algorithm(cfg.algorithm, int(tokenizer.pad_token_id), tokenizer=tokenizer)
@@ -118,13 +116,13 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
             scores: dict[str, float] = own(
                 model, tokenizer, eval_records, max_new_tokens=ev.max_new_tokens,
                 batch_size=ev.batch_size, max_length=cfg.data.max_length, rouge=want_rouge,
-                loss=want_loss)
+                loss=want_loss, template=template)
             return scores
         # a peft model (FedIT) generates and scores like the PreTrainedModel it wraps
         return evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type]
                         max_new_tokens=ev.max_new_tokens,
                         batch_size=ev.batch_size, max_length=cfg.data.max_length,
-                        rouge=want_rouge, loss=want_loss)
+                        rouge=want_rouge, loss=want_loss, template=template, progress=progress)
 
     # -- resume or start -------------------------------------------------------------------
     start_round, counters = 1, {"cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}

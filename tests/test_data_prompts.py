@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from fedtune.data import IGNORE_INDEX, Record, collate, format_prompt, tokenize_record
-from fedtune.data.prompts import TokenizedExample, prompt_ids, tokenize_records
+from fedtune.data.prompts import (
+    TokenizedExample,
+    end_of_turn_id,
+    fit_example,
+    middle_cut,
+    prompt_ids,
+    resolve_template,
+    stop_token_ids,
+    tokenize_records,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -68,28 +77,98 @@ def test_labels_mask_the_prompt_and_end_with_eos(tok: Any) -> None:
     assert ex.input_ids.count(EOS) == 1
 
 
-def test_truncation_from_the_right(tok: Any) -> None:
-    n_prompt = len(prompt_ids(RECORD, tok))
-    ex = tokenize_record(RECORD, tok, max_length=n_prompt + 1)  # keeps the 'h' only
-    assert ex is not None
-    assert len(ex.input_ids) == len(ex.labels) == n_prompt + 1
-    assert ex.labels[-1] == char_ids(tok, "h")[0]
-    assert ex.labels.count(IGNORE_INDEX) == n_prompt
+def test_a_long_answer_is_cut_from_the_right_once_the_prompt_is_down_to_half(tok: Any) -> None:
+    full = prompt_ids(RECORD, tok)
+    long = Record(instruction=RECORD.instruction, input="", output="abcdefghij" * 20)
+    n = len(full) + 5  # the answer alone would fill it
+    ex = tokenize_record(long, tok, max_length=n)
+    assert len(ex.input_ids) == len(ex.labels) == n
+    half = n // 2
+    assert ex.labels.count(IGNORE_INDEX) == half
+    assert ex.input_ids[:half] == full[:half // 2] + full[len(full) - (half - half // 2):]
+    assert ex.labels[half:] == char_ids(tok, ("abcdefghij" * 20)[:n - half])
 
 
-def test_none_when_no_response_token_survives(tok: Any) -> None:
-    n_prompt = len(prompt_ids(RECORD, tok))
-    assert tokenize_record(RECORD, tok, max_length=n_prompt) is None
-    assert tokenize_record(RECORD, tok, max_length=n_prompt - 5) is None
+def test_a_long_prompt_loses_its_middle_and_keeps_the_answer(tok: Any) -> None:
+    long = Record(instruction="Say hi.", input="x" * 300 + "END", output="hi")
+    full = prompt_ids(long, tok)
+    ex = tokenize_record(long, tok, max_length=100)
+    answer = char_ids(tok, "hi") + [EOS]
+    assert len(ex.input_ids) == 100
+    assert ex.labels[-3:] == answer and ex.input_ids[-3:] == answer  # the whole answer
+    kept = ex.input_ids[:-3]
+    assert kept[:48] == full[:48]  # the head (template, instruction) ...
+    assert kept[-49:] == full[-49:]  # ... and the tail (end of input, the response cue) stay
+    assert char_ids(tok, "END") == full[-len(char_ids(tok, "END\n\n### Response:\n")):][:3]
+    assert ex.labels.count(IGNORE_INDEX) == 97
 
 
-def test_tokenize_records_counts_and_logs_drops(tok: Any, caplog: pytest.LogCaptureFixture
-                                                ) -> None:
+def test_fit_example_gives_the_answer_at_least_half() -> None:
+    prompt, response = list(range(100)), list(range(1000, 1300))
+    p, r = fit_example(prompt, response, 64)
+    assert len(p) == 32 and len(r) == 32 and r == response[:32]
+    assert p == prompt[:16] + prompt[-16:]
+    p, r = fit_example(prompt[:10], response, 64)  # a short prompt stays whole
+    assert p == prompt[:10] and r == response[:54]
+    assert fit_example(prompt[:10], response[:5], 64) == (prompt[:10], response[:5])
+    assert middle_cut([1, 2, 3, 4, 5], 3) == [1, 4, 5] and middle_cut([1, 2], 5) == [1, 2]
+
+
+def test_tokenize_records_keeps_every_record_and_logs_cuts(
+        tok: Any, caplog: pytest.LogCaptureFixture) -> None:
     long = Record(instruction="x" * 500, input="", output="y")
-    with caplog.at_level(logging.WARNING, logger="fedtune.data.prompts"):
+    with caplog.at_level(logging.INFO, logger="fedtune.data.prompts"):
         out = tokenize_records([RECORD, long], tok, max_length=200)
-    assert len(out) == 1
-    assert "dropped 1 of 2" in caplog.text
+    assert len(out) == 2 and len(out[1].input_ids) == 200
+    assert out[1].labels[-2:] == char_ids(tok, "y") + [EOS]
+    assert "1 of 2 examples reach max_length=200" in caplog.text
+
+
+# -- chat templates ----------------------------------------------------------------------------
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_tok() -> Any:
+    """The character tokenizer with ChatML special tokens and template (EOS stays <eos>)."""
+    t = char_tokenizer(False)
+    t.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    t.chat_template = CHATML
+    return t
+
+
+def test_template_resolution(tok: Any, chat_tok: Any) -> None:
+    assert resolve_template(chat_tok, "auto") == "chat"
+    assert resolve_template(tok, "auto") == "alpaca"
+    assert resolve_template(chat_tok, "alpaca") == "alpaca"
+    with pytest.raises(ValueError, match="no chat template"):
+        resolve_template(tok, "chat")
+
+
+def test_chat_mask_covers_exactly_the_answer_and_end_of_turn(chat_tok: Any) -> None:
+    rec = Record(instruction="Add.", input="2 3", output="5")
+    im_end = chat_tok.convert_tokens_to_ids(IM_END)
+    assert end_of_turn_id(chat_tok) == im_end != chat_tok.eos_token_id
+    ex = tokenize_record(rec, chat_tok, max_length=1000)
+    text = "".join(chat_tok.convert_ids_to_tokens(ex.input_ids))
+    assert text == "<|im_start|>user\nAdd.\n\n2 3<|im_end|>\n<|im_start|>assistant\n5<|im_end|>"
+    answer = [lab for lab in ex.labels if lab != IGNORE_INDEX]
+    assert answer == char_ids(chat_tok, "5") + [im_end]
+    first = ex.labels.index(answer[0])
+    assert all(lab == IGNORE_INDEX for lab in ex.labels[:first])
+    assert ex.input_ids[first:] == answer  # nothing after the end of turn is trained
+    assert stop_token_ids(chat_tok) == [im_end, chat_tok.eos_token_id]
+
+
+def test_chat_prompt_is_the_rendered_generation_prompt(chat_tok: Any) -> None:
+    rec = Record(instruction="Say hi.", input="", output="hi")
+    ids = prompt_ids(rec, chat_tok, "chat")
+    assert "".join(chat_tok.convert_ids_to_tokens(ids)) == "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    assert prompt_ids(rec, chat_tok, "alpaca") == char_ids(chat_tok, format_prompt(rec))
 
 
 def test_collate_pads_right_and_masks() -> None:

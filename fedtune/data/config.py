@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from fedtune.configbase import check, check_choices, option
 
+TEMPLATES = ("auto", "alpaca", "chat")
 FORMATS = ("generated", "dolly", "natural-instructions", "alpaca", "jsonl", "hub")
 PARTITIONS = ("iid", "dirichlet", "natural")
 
@@ -79,7 +80,18 @@ class DataConfig:
         4096, "Natural Instructions: instances whose input is longer are dropped (and counted)."
     )
     max_length: int = option(
-        256, "Tokens per training example (prompt + response); longer ones are truncated."
+        256,
+        "Tokens per training example (prompt + response). A longer one keeps its answer: the "
+        "prompt loses tokens from its middle, down to half of max_length, before the answer is "
+        "cut. Evaluation prompts keep max(max_length - max_new_tokens, max_length // 2) tokens.",
+    )
+    template: str = option(
+        "auto",
+        "Prompt template: 'chat' (the tokenizer's chat template, one user turn, the loss on the "
+        "assistant's answer and its end-of-turn token, generation stops there), 'alpaca' (the "
+        "Alpaca template of FedKSeed's reference) or 'auto' (chat when the tokenizer has a chat "
+        "template, e.g. smollm2-135m; alpaca otherwise, e.g. fedtune's own base models).",
+        TEMPLATES,
     )
     seed: int = option(42, "Seed of the partition and of every data sampling step.")
 

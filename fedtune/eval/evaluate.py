@@ -1,9 +1,12 @@
 """One evaluation pass of a model on held-out records: Rouge-L of greedy outputs and eval loss.
 
-Prompts are the Alpaca template of :func:`fedtune.data.prompts.format_prompt`, encoded exactly
-as for training (:func:`fedtune.data.prompts.prompt_ids`); references are the records' outputs.
-The eval loss uses the training tokenisation too (:func:`fedtune.data.prompts.tokenize_records`,
-loss on response tokens and EOS only), so it is directly comparable with the training loss.
+Prompts are the run's template (``data.template``: the tokenizer's chat template or Alpaca),
+encoded exactly as for training (:func:`fedtune.data.prompts.prompt_ids`) and shortened from the
+middle to :func:`fedtune.data.prompts.generation_prompt_budget` tokens; generation stops at the
+template's end-of-turn token; references are the records' outputs. The eval loss uses the
+training tokenisation (:func:`fedtune.data.prompts.tokenize_records`, loss on the answer tokens
+and the end token only, examples batched by length), so it is directly comparable with the
+training loss.
 """
 
 from __future__ import annotations
@@ -14,7 +17,15 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedtune.data.prompts import TokenizedExample, collate, prompt_ids, tokenize_records
+from fedtune.data.prompts import (
+    TokenizedExample,
+    collate,
+    generation_prompt_budget,
+    middle_cut,
+    prompt_ids,
+    stop_token_ids,
+    tokenize_records,
+)
 from fedtune.data.records import Record
 from fedtune.eval.generation import greedy_generate_ids
 from fedtune.eval.metrics import eval_loss, rouge_l
@@ -42,14 +53,18 @@ def loss_batches(
     *,
     batch_size: int,
     max_length: int,
+    template: str = "auto",
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated (input_ids, attention_mask, labels) batches of the training tokenisation."""
+    """Collated (input_ids, attention_mask, labels) batches of the training tokenisation,
+    examples sorted by length so a batch pads little (the token-weighted mean ignores order)."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("tokenizer has neither a pad nor an EOS token; call ensure_pad_token")
-    examples: list[TokenizedExample] = tokenize_records(records, tokenizer, max_length)
+    examples: list[TokenizedExample] = tokenize_records(records, tokenizer, max_length,
+                                                        template=template)
+    examples.sort(key=lambda ex: len(ex.input_ids))
     for start in range(0, len(examples), batch_size):
         yield collate(examples[start:start + batch_size], int(pad_id))
 
@@ -64,8 +79,10 @@ def evaluate(
     max_length: int,
     rouge: bool = True,
     loss: bool = True,
+    template: str = "auto",
+    progress: bool = False,
 ) -> dict[str, float]:
-    """Evaluate ``model`` on ``records``.
+    """Evaluate ``model`` on ``records`` with prompts in ``template``.
 
     Returns ``num_examples`` plus ``rougeL`` (mean Rouge-L F of greedy outputs, in [0, 1]) when
     ``rouge`` and ``eval_loss`` (token-weighted mean cross-entropy on the responses; ``nan`` if
@@ -73,12 +90,31 @@ def evaluate(
     """
     results: dict[str, float] = {"num_examples": float(len(records))}
     if loss:
-        batches = loss_batches(records, tokenizer, batch_size=batch_size, max_length=max_length)
+        batches = loss_batches(records, tokenizer, batch_size=batch_size, max_length=max_length,
+                               template=template)
         results["eval_loss"] = eval_loss(model, batches)
     if rouge:
-        ids = [prompt_ids(record, tokenizer) for record in records]
-        predictions = greedy_generate_ids(
-            model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
+        predictions = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size, max_length=max_length,
+                                       template=template, progress=progress)
         results["rougeL"] = rouge_l(predictions, [record.output for record in records])
     return results
+
+
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[Record],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+    template: str = "auto",
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers to ``records`` as evaluation produces them (prompts, budget, stop tokens)."""
+    keep = generation_prompt_budget(max_length, max_new_tokens)
+    ids = [middle_cut(prompt_ids(record, tokenizer, template), keep) for record in records]
+    return greedy_generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, stop_ids=stop_token_ids(tokenizer, template),
+                               progress=progress)

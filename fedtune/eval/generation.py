@@ -5,13 +5,16 @@ Generation config (the same for every method, so Rouge-L numbers are comparable)
 * greedy decoding: ``do_sample=False``, ``num_beams=1``; sampling knobs a checkpoint's own
   generation config may carry (temperature, top-p, top-k) are neutralised;
 * at most ``max_new_tokens`` new tokens (128 by default, the FedKSeed/FedIT budget), stopping
-  early at the tokenizer's EOS;
+  early at the tokenizer's EOS or at the chat template's end-of-turn token (``stop_ids``);
 * prompts are encoded with the tokenizer's special tokens (a leading BOS for tokenizers that add
   one; fedtune's tiny tokenizer adds none) minus a trailing EOS the tokenizer may append, the
   same rule as :func:`fedtune.data.prompts.prompt_ids`, so generation conditions on exactly the
   prompt ids training used;
 * batches are LEFT-padded (every row's last prompt token at the end) with the attention mask
-  passed, so a prompt's output does not depend on the batch it is in;
+  passed, so a prompt's output does not depend on the batch it is in (up to float rounding);
+* prompts are batched by length (longest first) and the outputs returned in the callers' order:
+  a batch pads to its longest prompt, and Dolly's prompts run from 20 to 1,000+ tokens;
+* decoding runs under ``torch.inference_mode`` with the model's KV cache;
 * ``pad_token_id`` and ``eos_token_id`` are passed explicitly;
 * only the new tokens are returned, decoded with ``skip_special_tokens=True`` and stripped;
 * a prompt longer than the model's context leaves room for the new tokens by losing its oldest
@@ -26,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -75,7 +79,12 @@ def fit_context(model: PreTrainedModel, prompt_ids: Sequence[Sequence[int]],
     return [list(ids)[-keep:] for ids in prompt_ids]
 
 
-@torch.no_grad()
+def length_order(lengths: Sequence[int]) -> list[int]:
+    """Indices by decreasing length (ties in input order): the longest batch first, so a memory
+    problem shows at once and the progress bar's estimate only improves."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
 def greedy_generate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -83,45 +92,59 @@ def greedy_generate_ids(
     *,
     max_new_tokens: int = 128,
     batch_size: int = 8,
+    stop_ids: Sequence[int] | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Greedy continuations of already-encoded prompts (new text only), in order.
 
-    The tokenizer's padding side and the model's train/eval mode are restored afterwards.
+    ``stop_ids``: tokens that end a continuation (default: the tokenizer's EOS). ``progress``
+    shows a bar over the prompts (on a terminal). The tokenizer's padding side and the model's
+    train/eval mode are restored afterwards.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     pad_id, eos_id = _special_ids(tokenizer)
+    stops = list(stop_ids) if stop_ids else ([eos_id] if eos_id is not None else None)
     prompt_ids = fit_context(model, prompt_ids, max_new_tokens)
+    order = length_order([len(ids) for ids in prompt_ids])
     was_training = model.training
     padding_side = tokenizer.padding_side
-    outputs: list[str] = []
+    outputs: list[str] = [""] * len(prompt_ids)
+    bar = tqdm(total=len(order), desc="eval: generating", unit="prompt", leave=False,
+               disable=not progress or None, dynamic_ncols=True)
     try:
         model.eval()
         tokenizer.padding_side = "left"
-        for batch in _batches(prompt_ids, batch_size):
+        for batch in _batches(order, batch_size):
             enc = tokenizer.pad(
-                {"input_ids": [list(ids) for ids in batch]}, padding=True, return_tensors="pt"
+                {"input_ids": [list(prompt_ids[i]) for i in batch]}, padding=True,
+                return_tensors="pt",
             )
             input_ids = enc["input_ids"].to(model.device)  # (B, T), left-padded
             attention_mask = enc["attention_mask"].to(model.device)  # (B, T)
-            generated = model.generate(  # type: ignore[operator]
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-            )
+            with torch.inference_mode():
+                generated = model.generate(  # type: ignore[operator]
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    use_cache=True,
+                    pad_token_id=pad_id,
+                    eos_token_id=stops,
+                )
             new_tokens = generated[:, input_ids.shape[1]:]  # (B, <= max_new_tokens)
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            outputs.extend(text.strip() for text in texts)
+            for i, text in zip(batch, texts, strict=True):
+                outputs[i] = text.strip()
+            bar.update(len(batch))
     finally:
+        bar.close()
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return outputs

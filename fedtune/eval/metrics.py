@@ -37,9 +37,13 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Sum of next-token cross-entropies over label tokens != -100, and their count."""
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    """Sum of next-token cross-entropies over label tokens != -100, and their count.
+
+    ``logits`` (B, K, V) are those of the last K positions of ``labels`` (B, T), K <= T.
+    """
+    keep = logits.shape[1]
+    shift_logits = logits[:, :-1, :].float()  # (B, K-1, V): position t predicts t+1
+    shift_labels = labels[:, labels.shape[1] - keep + 1:]  # (B, K-1)
     total = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.shape[-1]),
         shift_labels.reshape(-1),
@@ -49,24 +53,39 @@ def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     return float(total), int((shift_labels != IGNORE_INDEX).sum())
 
 
+def logits_window(labels: torch.Tensor) -> int:
+    """How many trailing positions need logits: from the one before the first label on.
+
+    A (B, T, V) logits tensor is large for a real vocabulary (8 x 512 x 49,152 float32 = 805 MB)
+    while the answer is a short tail of a long prompt: computing only the window cuts that.
+    """
+    has = labels != IGNORE_INDEX  # (B, T)
+    if not bool(has.any()):
+        return 1
+    first = int(has.float().argmax(dim=1)[has.any(dim=1)].min())  # earliest label position
+    return labels.shape[1] - max(first - 1, 0)
+
+
 def eval_loss(model: PreTrainedModel, batches: Iterable[Mapping[str, torch.Tensor]]) -> float:
     """Token-weighted mean cross-entropy over all label tokens (!= -100) of ``batches``.
 
     Each batch holds ``input_ids``, ``attention_mask`` and ``labels`` (labels aligned with the
     inputs; the shift for next-token prediction happens here, as in Hugging Face causal LMs).
-    Runs under ``torch.no_grad()`` in eval mode and restores the model's previous mode.
-    Returns ``nan`` when there is no label token at all.
+    Only the positions from the one before the batch's first label on get logits
+    (``logits_to_keep``). Runs under ``torch.inference_mode()`` in eval mode and restores the
+    model's previous mode. Returns ``nan`` when there is no label token at all.
     """
     was_training = model.training
     total, count = 0.0, 0
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             for batch in batches:
                 input_ids = batch["input_ids"].to(model.device)
                 attention_mask = batch["attention_mask"].to(model.device)
                 labels = batch["labels"].to(model.device)
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+                logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                               logits_to_keep=logits_window(labels)).logits
                 batch_sum, batch_count = _token_loss_sum(logits, labels)
                 total += batch_sum
                 count += batch_count

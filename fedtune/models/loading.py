@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedtune.models.gguf import EMBEDDED_GGUF, convert_gguf, embedded_gguf_path, is_gguf_path
+
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -74,18 +76,27 @@ def base_model_path(name: str) -> Path:
     return BASE_MODELS_DIR / name
 
 
-def resolve_model_source(path_or_id: str | Path) -> str:
+def resolve_model_source(path_or_id: str | Path, cache_dir: str | Path | None = None) -> str:
     """Return the string to pass to ``from_pretrained``; a missing local path fails clearly.
 
-    An existing path is used as a local directory; 'small' and 'large' (when no such directory
-    exists) are the embedded base models. Anything else must look like a hub id, so a mistyped
-    local path gives a :class:`FileNotFoundError` naming it instead of a hub error.
+    A ``.gguf`` file is converted once into a cached model directory (:mod:`fedtune.models.gguf`,
+    under ``cache_dir``) and that directory is returned; any other existing path is used as a
+    local directory; 'small' and 'large' (when no such directory exists) are the embedded base
+    models, 'smollm2-135m' the embedded real model (a GGUF inside an installed package). Anything
+    else must look like a hub id, so a mistyped local path gives a :class:`FileNotFoundError`
+    naming it instead of a hub error.
     """
     name = str(path_or_id)
     if Path(name).expanduser().exists():
+        if is_gguf_path(name) and Path(name).expanduser().is_file():
+            return str(convert_gguf(name, cache_dir))
         return str(Path(name).expanduser())
     if isinstance(path_or_id, str) and name in BASE_MODELS:
         return str(base_model_path(name))
+    if isinstance(path_or_id, str) and name in EMBEDDED_GGUF:
+        return str(convert_gguf(embedded_gguf_path(name), cache_dir))
+    if is_gguf_path(name):
+        raise FileNotFoundError(f"GGUF file {name!r} does not exist")
     if isinstance(path_or_id, Path) or not is_plausible_hub_id(name):
         raise FileNotFoundError(f"model path {name!r} does not exist (and is not a hub id)")
     return name
@@ -106,10 +117,10 @@ def _from_pretrained(factory: Any, source: str, **kwargs: Any) -> Any:
         ) from err
 
 
-def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False
-                   ) -> PreTrainedTokenizerBase:
+def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False,
+                   cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
     """Load the tokenizer of a local model directory or a hub id with ``AutoTokenizer``."""
-    source = resolve_model_source(path_or_id)
+    source = resolve_model_source(path_or_id, cache_dir)
     tokenizer: PreTrainedTokenizerBase = _from_pretrained(
         AutoTokenizer, source, trust_remote_code=trust_remote_code
     )
@@ -122,9 +133,10 @@ def load_model(
     device: str | torch.device = "auto",
     *,
     trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM with ``AutoModelForCausalLM`` in ``dtype`` and move it to ``device``."""
-    source = resolve_model_source(path_or_id)
+    source = resolve_model_source(path_or_id, cache_dir)
     target = device if isinstance(device, torch.device) else resolve_device(device)
     model: PreTrainedModel = _from_pretrained(
         AutoModelForCausalLM, source, dtype=resolve_dtype(dtype),
@@ -176,10 +188,13 @@ def load_model_and_tokenizer(
     device: str | torch.device = "auto",
     *,
     trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer, make sure a pad token exists, and put the model in eval mode."""
-    tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code)
-    model = load_model(path_or_id, dtype, device, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code,
+                               cache_dir=cache_dir)
+    model = load_model(path_or_id, dtype, device, trust_remote_code=trust_remote_code,
+                       cache_dir=cache_dir)
     action = ensure_pad_token(tokenizer, model)
     if action != PAD_PRESENT:
         log.info("pad token of %s: %s (id %s)", path_or_id, action, tokenizer.pad_token_id)

@@ -39,7 +39,7 @@ from fedtune.algorithms.fedpt.distill import distill, distill_zo, mean_kl, teach
 from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
 from fedtune.algorithms.fedpt.product import save_manifest
 from fedtune.algorithms.fedpt.proxy import ProxyModel
-from fedtune.data.prompts import TokenizedExample, prompt_ids
+from fedtune.data.prompts import TokenizedExample, end_of_turn_id, prompt_ids
 from fedtune.data.records import Record
 from fedtune.logits import LocalLogits, LogitsSource, RemoteLogits
 from fedtune.logits.service import ServiceProcess, spawn_service
@@ -186,7 +186,7 @@ class FedPT:
         proxy = self.proxy(frozen)
         targets = teacher_targets(proxy, [prompt_ids(r, tok) for r in records],
                                   max_new_tokens=c.distill_max_new_tokens,
-                                  eos_id=tok.eos_token_id, pad_id=self.pad_id,
+                                  eos_id=end_of_turn_id(tok), pad_id=self.pad_id,
                                   batch_size=32)  # rows are independent: any batch
         t, v = c.distill_temperature, proxy.vocab_size
         # progress is always reported as the KL at T (whatever the training loss)
@@ -251,17 +251,17 @@ class FedPT:
     # -- evaluation and result ----------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, records: Sequence[Record], *,
                  max_new_tokens: int, batch_size: int, max_length: int, rouge: bool,
-                 loss: bool) -> dict[str, float]:
+                 loss: bool, template: str = "auto") -> dict[str, float]:
         """Score the product, the proxy-tuned large model (``model`` holds the global small)."""
         scores = evaluate_proxy(self.proxy(model), tokenizer, records,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                max_length=max_length, rouge=rouge, loss=loss)
+                                max_length=max_length, rouge=rouge, loss=loss, template=template)
         if rouge and self.cfg.eval_small:
             from fedtune.eval.evaluate import evaluate
 
             small = evaluate(model, tokenizer, records,  # type: ignore[arg-type]
                              max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             max_length=max_length, rouge=True, loss=False)
+                             max_length=max_length, rouge=True, loss=False, template=template)
             scores["small_rougeL"] = small["rougeL"]
         return scores
 

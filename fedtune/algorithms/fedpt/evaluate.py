@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from fedtune.algorithms.fedpt.proxy import ProxyModel, proxy_forced_logits, proxy_generate_ids
-from fedtune.data.prompts import IGNORE_INDEX, prompt_ids, tokenize_records
+from fedtune.data.prompts import (
+    IGNORE_INDEX,
+    end_of_turn_id,
+    generation_prompt_budget,
+    middle_cut,
+    prompt_ids,
+    tokenize_records,
+)
 from fedtune.data.records import Record
 from fedtune.eval.metrics import rouge_l
 
@@ -60,18 +67,21 @@ def proxy_eval_loss(proxy: ProxyModel, examples: Sequence[Any], *, pad_id: int,
 
 def evaluate_proxy(proxy: ProxyModel, tokenizer: Any, records: Sequence[Record], *,
                    max_new_tokens: int, batch_size: int, max_length: int, rouge: bool = True,
-                   loss: bool = True) -> dict[str, float]:
-    """``num_examples``, ``rougeL`` and ``eval_loss`` of the proxy-tuned model on ``records``."""
+                   loss: bool = True, template: str = "auto") -> dict[str, float]:
+    """``num_examples``, ``rougeL`` and ``eval_loss`` of the proxy-tuned model on ``records``
+    (prompts in ``template``, as :func:`fedtune.eval.evaluate.evaluate` builds them)."""
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                  else tokenizer.eos_token_id)
     results: dict[str, float] = {"num_examples": float(len(records))}
     if loss:
-        examples = tokenize_records(records, tokenizer, max_length)
+        examples = tokenize_records(records, tokenizer, max_length, template=template)
         results["eval_loss"] = proxy_eval_loss(proxy, examples, pad_id=pad_id,
                                                batch_size=batch_size)
     if rouge:
-        ids = proxy_generate_ids(proxy, [prompt_ids(r, tokenizer) for r in records],
-                                 max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+        keep = generation_prompt_budget(max_length, max_new_tokens)
+        prompts = [middle_cut(prompt_ids(r, tokenizer, template), keep) for r in records]
+        ids = proxy_generate_ids(proxy, prompts, max_new_tokens=max_new_tokens,
+                                 eos_id=end_of_turn_id(tokenizer, template),
                                  pad_id=pad_id, batch_size=batch_size)
         texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         results["rougeL"] = rouge_l(texts, [r.output for r in records])

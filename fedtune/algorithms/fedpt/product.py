@@ -102,7 +102,7 @@ def evaluate_product(path: Path, records: Any, cfg: Any, *,
         ev = cfg.evaluation
         return evaluate_proxy(loaded.proxy, loaded.tokenizer, records,
                               max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                              max_length=cfg.data.max_length)
+                              max_length=cfg.data.max_length, template=cfg.data.template)
     finally:
         loaded.close()
 

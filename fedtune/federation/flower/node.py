@@ -167,8 +167,10 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
     else:
         model_path = cfg.model.path
     model, tokenizer = load_model_and_tokenizer(model_path, cfg.model.dtype, cfg.model.device,
-                                                trust_remote_code=cfg.model.trust_remote_code)
-    examples = tokenize_records(records, tokenizer, cfg.data.max_length)
+                                                trust_remote_code=cfg.model.trust_remote_code,
+                                                cache_dir=cfg.model.cache_dir or None)
+    examples = tokenize_records(records, tokenizer, cfg.data.max_length,
+                                template=cfg.data.template)
     if not examples:
         raise ValueError(f"client {client_id} has no trainable example after tokenisation")
     alg_cfg = cfg.algorithm
