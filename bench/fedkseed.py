@@ -3,6 +3,9 @@
     python -m bench.fedkseed            a readable table
     python -m bench.fedkseed --json     the figures as one JSON object
     python -m bench.fedkseed --quick    a small model and few repeats (smoke test, seconds)
+    python -m bench.fedkseed --model smollm2-135m --json
+                                        the real model (SmolLM2-135M-Instruct): steps at batch
+                                        1 x 128 and 8 x 128, replay of 1024 seeds, memory
 
 Model: a Llama-style model of ~10.5M parameters (d 256, 8 layers, 8 heads, FFN 688, vocab 8192,
 untied embeddings; random weights), batch 8 x 128 tokens, float32, ``eval()``. Timings are taken
@@ -58,6 +61,9 @@ class Setup:
     repeats: int
     replay_seeds: int  # seeds in a throughput measurement (repeated)
     replay_pool: int  # seeds of the one fused-vs-naive replay (1024 in the issue)
+    model: str = ""  # a fedtune model path ('smollm2-135m'): real weights instead of random ones
+    step_batches: tuple[int, ...] = ()  # batch sizes of the step section (default: batch)
+    pool_naive: bool = True  # also time the naive replays of the pool (minutes on a real model)
 
 
 FULL = Setup("10.5M Llama", 8192, 256, 8, 8, 688, 8, 128, 7, 16, 1024)
@@ -68,6 +74,11 @@ QUICK = Setup("quick 0.3M Llama", 1024, 64, 2, 4, 172, 2, 32, 3, 4, 16)
 
 def build_model(s: Setup) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
+
+    if s.model:
+        from fedtune.models.loading import load_model
+
+        return load_model(s.model, "float32", "cpu").eval()
 
     from fedtune.models.tiny import tiny_llama_config
 
@@ -81,9 +92,19 @@ def build_model(s: Setup) -> torch.nn.Module:
     return model.eval()
 
 
-def make_batch(s: Setup) -> dict[str, torch.Tensor]:
+def real_setup(model: str) -> Setup:
+    """The step/replay/memory setup on a real model: the issue's batch 1 x 128 and 8 x 128."""
+    from fedtune.models.loading import load_model
+
+    cfg = load_model(model, "float32", "cpu").config
+    return Setup(model, cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers,
+                 cfg.num_attention_heads, cfg.intermediate_size, 8, 128, 5, 16, 1024,
+                 model=model, step_batches=(1, 8), pool_naive=False)
+
+
+def make_batch(s: Setup, batch: int | None = None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, s.vocab, (s.batch, s.seq), generator=g)
+    ids = torch.randint(4, s.vocab, (batch or s.batch, s.seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
@@ -114,10 +135,12 @@ def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 # -- 1. step time ---------------------------------------------------------------------------------
 
-def bench_step(s: Setup) -> dict[str, Any]:
+def bench_step(s: Setup, model: torch.nn.Module | None = None, batch_size: int | None = None
+               ) -> dict[str, Any]:
     from fedtune.zo import new_z_buffer, zo_loss, zo_step
 
-    model, batch = build_model(s), make_batch(s)
+    model = build_model(s) if model is None else model
+    batch = make_batch(s, batch_size)
     params = trainable(model)
     zbuf = new_z_buffer(params)
     seeds = iter(range(10**9))
@@ -179,11 +202,11 @@ def _naive_replay_v0(params: list[torch.Tensor], coeffs: dict[int, float]) -> No
                 p.add_(z_for(s, i, p.shape), alpha=coeffs[s])
 
 
-def bench_replay(s: Setup) -> dict[str, Any]:
+def bench_replay(s: Setup, model: torch.nn.Module | None = None) -> dict[str, Any]:
     from fedtune.algorithms.fedkseed.replay import seed_pool
     from fedtune.zo import replay_
 
-    model = build_model(s)
+    model = build_model(s) if model is None else model
     params = trainable(model)
     n = sum(p.numel() for p in params)
     workers = torch.get_num_threads()
@@ -221,6 +244,10 @@ def bench_replay(s: Setup) -> dict[str, Any]:
     # one replay of the whole pool, fused against naive (each once: minutes on the full model)
     big = coeffs(s.replay_pool)
     t_fused = _timed(lambda: replay_(params, big))
+    if not s.pool_naive:
+        out["pool"] = {"seeds": len(big), "fused_s": t_fused,
+                       "fused_s_per_seed": t_fused / len(big)}
+        return out
     t_naive = _timed(lambda: _naive_replay(params, big))
     t_v0 = _timed(lambda: _naive_replay_v0(params, big))
     out["pool"] = {"seeds": len(big), "fused_s": t_fused, "naive_perturb_per_seed_s": t_naive,
@@ -318,6 +345,8 @@ def memory_peak(s: Setup, quick: bool) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "bench.fedkseed", "--memory-worker", op]
         if quick:
             cmd.append("--quick")
+        if s.model:
+            cmd += ["--model", s.model]
         cmd += ["--threads", str(torch.get_num_threads())]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         res[op] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -371,21 +400,26 @@ def _machine() -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def run_all(quick: bool, sections: list[str]) -> dict[str, Any]:
-    s = QUICK if quick else FULL
+def run_all(quick: bool, sections: list[str], s: Setup | None = None) -> dict[str, Any]:
+    s = s or (QUICK if quick else FULL)
     res: dict[str, Any] = {"date": date.today().isoformat(), "machine": _machine(),
-                           "load_avg_start": os.getloadavg(), "setup": s.__dict__}
-    res["setup"]["params"] = sum(p.numel() for p in build_model(s).parameters())
+                           "load_avg_start": os.getloadavg(), "setup": dict(s.__dict__)}
+    model = build_model(s)
+    res["setup"]["params"] = sum(p.numel() for p in model.parameters())
     if "step" in sections:
-        res["step"] = bench_step(s)
+        if s.step_batches:
+            res["steps"] = {f"{b}x{s.seq}": bench_step(s, model, b) for b in s.step_batches}
+        else:
+            res["step"] = bench_step(s, model)
     if "replay" in sections:
-        res["replay"] = bench_replay(s)
+        res["replay"] = bench_replay(s, model)
+    del model
     if "memory" in sections:
         res["memory"] = memory_peak(s, quick)
     if "bytes" in sections:
         b = measure_bytes(4096, 200)
         res["bytes"] = b | {"ratio_vs_paper": b["total_bytes"] / PAPER_BYTES}
-    if "quality" in sections:
+    if "quality" in sections and not s.model:
         from bench.quality import DOLLY, quality
 
         res["quality"] = (quality(str(BASE_SMALL), rounds=2 if quick else 5, clients_per_round=5,
@@ -400,9 +434,11 @@ def _table(r: dict[str, Any]) -> str:
              f"({r['setup']['params'] / 1e6:.2f}M params), batch {r['setup']['batch']} x "
              f"{r['setup']['seq']}; {r['machine']['cpu']}, {r['machine']['torch_threads']} "
              f"threads; load avg {r['load_avg_start'][0]:.1f} -> {r['load_avg_end'][0]:.1f}", ""]
-    if "step" in r:
-        st = r["step"]
-        lines.append(f"{'step':32s} {'median s':>10s} {'x 2 fwd':>8s}  (target <= {TARGET_STEP})")
+    steps = r.get("steps") or ({f"{r['setup']['batch']}x{r['setup']['seq']}": r["step"]}
+                               if "step" in r else {})
+    for shape, st in steps.items():
+        lines.append(f"{'step at batch ' + shape:32s} {'median s':>10s} {'x 2 fwd':>8s}  "
+                     f"(target <= {TARGET_STEP})")
         for k, v in st["median_s"].items():
             ratio = st["ratio_vs_two_forwards"].get(k)
             lines.append(f"  {k:30s} {v:10.3f} {'' if ratio is None else f'{ratio:8.2f}'}")
@@ -415,11 +451,14 @@ def _table(r: dict[str, Any]) -> str:
                      f"   / raw 1 thread {rp['replay_vs_raw_1_thread']:.2f}"
                      f"  (target >= {TARGET_REPLAY})")
         p = rp.get("pool")
-        lines.append("" if p is None else
-                     f"  {p['seeds']} seeds: fused {p['fused_s']:.1f} s, naive perturb_ per seed "
-                     f"{p['naive_perturb_per_seed_s']:.1f} s ({p['speedup_vs_naive']:.2f}x), "
-                     f"previous sequential {p['naive_v0_sequential_s']:.1f} s "
-                     f"({p['speedup_vs_naive_v0']:.2f}x)")
+        if p is not None and "fused_s_per_seed" in p:
+            lines.append(f"  {p['seeds']} seeds: fused {p['fused_s']:.1f} s "
+                         f"({p['fused_s_per_seed'] * 1000:.0f} ms per seed)")
+        elif p is not None:
+            lines.append(f"  {p['seeds']} seeds: fused {p['fused_s']:.1f} s, naive perturb_ per "
+                         f"seed {p['naive_perturb_per_seed_s']:.1f} s "
+                         f"({p['speedup_vs_naive']:.2f}x), previous sequential "
+                         f"{p['naive_v0_sequential_s']:.1f} s ({p['speedup_vs_naive_v0']:.2f}x)")
     if "memory" in r:
         m = r["memory"]
         lines += ["", f"{'peak memory (above runtime)':32s} {'MiB':>8s} {'x fwd':>7s}"
@@ -457,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seeds of the fused-vs-naive replay (0: skip it)")
     ap.add_argument("--threads", type=int,
                     help="torch.set_num_threads first (default: torch's; the zo pool follows)")
+    ap.add_argument("--model", default="",
+                    help="a fedtune model path (e.g. smollm2-135m): its real weights, batch 1 x "
+                         "128 and 8 x 128, replay of 1024 seeds (quality is skipped)")
     ap.add_argument("--memory-worker", choices=MEMORY_OPS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
@@ -465,10 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     over = {k: v for k, v in (("repeats", args.repeats), ("replay_pool", args.replay_pool))
             if v is not None}
     FULL, QUICK = (Setup(**(x.__dict__ | over)) for x in (FULL, QUICK))
+    real = Setup(**(real_setup(args.model).__dict__ | over)) if args.model else None
     if args.memory_worker:
-        print(json.dumps(memory_worker(QUICK if args.quick else FULL, args.memory_worker)))
+        print(json.dumps(memory_worker(real or (QUICK if args.quick else FULL),
+                                       args.memory_worker)))
         return 0
-    res = run_all(args.quick, args.sections.split(","))
+    res = run_all(args.quick, args.sections.split(","), real)
     print(json.dumps(res, indent=1) if args.json else _table(res))
     return 0
 

@@ -140,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedtune.algorithms.fedpt.product import manifest_path
     from fedtune.config import load_config
+    from fedtune.cpu import ThreadPolicy
     from fedtune.data.pipeline import build_federated_data
     from fedtune.eval.evaluate import evaluate, select_eval_records
     from fedtune.models.loading import load_model_and_tokenizer
@@ -148,6 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg_file = args.config or (str(path / "config.toml") if (path / "config.toml").is_file()
                                else None)
     cfg = load_config(cfg_file, args.overrides)
+    ThreadPolicy(cfg.model.threads)
     data = build_federated_data(cfg.data)
     ev = cfg.evaluation
     records = select_eval_records(data.eval, ev.max_examples, ev.seed)

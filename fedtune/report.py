@@ -56,6 +56,41 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def answer_rows(records: Sequence[Any], before: Sequence[str], after: Sequence[str]
+                ) -> list[dict[str, Any]]:
+    """One row per eval record: prompt, reference, the base and final answers and their Rouge-L."""
+    from fedtune.eval.metrics import rouge_l_scores
+
+    refs = [r.output for r in records]
+    sb, sa = rouge_l_scores(before, refs), rouge_l_scores(after, refs)
+    return [{"instruction": r.instruction, "input": r.input, "category": r.category,
+             "reference": r.output, "before": b, "after": a, "rougeL_before": x, "rougeL_after": y}
+            for r, b, a, x, y in zip(records, before, after, sb, sa, strict=True)]
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def answers_text(rows: Sequence[dict[str, Any]], show: int = 3, width: int = 96) -> str:
+    """How the answers changed: counts by per-answer Rouge-L, then the first ``show`` answers
+    (in eval order) that changed, before and after, under their prompt and reference."""
+    better = sum(r["rougeL_after"] > r["rougeL_before"] for r in rows)
+    worse = sum(r["rougeL_after"] < r["rougeL_before"] for r in rows)
+    changed = [r for r in rows if r["before"] != r["after"]]
+    out = [f"answers: {len(changed)} of {len(rows)} changed; per-answer Rouge-L up for {better}, "
+           f"down for {worse} (all in answers.jsonl)"]
+    for r in changed[:show]:
+        prompt = r["instruction"] + (f" | {r['input']}" if r["input"] else "")
+        out += [f"  prompt    {_clip(prompt, width)}",
+                f"  reference {_clip(r['reference'], width)}",
+                f"  before    {_clip(r['before'], width)}   (Rouge-L {r['rougeL_before']:.2f})",
+                f"  after     {_clip(r['after'], width)}   (Rouge-L {r['rougeL_after']:.2f})",
+                ""]
+    return "\n".join(out).rstrip()
+
+
 def plot_run(rows: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     """``eval_metric.png`` (Rouge-L and eval loss by round) and ``bytes.png`` (cumulative)."""
     import matplotlib

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fedtune.algorithms import build_algorithm
 from fedtune.config import RunConfig, load_config, save_config
+from fedtune.cpu import ThreadPolicy
 from fedtune.data.pipeline import all_texts, build_federated_data
 from fedtune.data.prompts import resolve_template, tokenize_records
 from fedtune.eval.evaluate import evaluate, select_eval_records
@@ -28,10 +29,11 @@ from fedtune.federation.simulation import EngineFactory, InProcessEngine
 from fedtune.metrics import MetricsLog, peak_memory_mb
 from fedtune.models.loading import load_model_and_tokenizer, resolve_device
 from fedtune.models.tiny import build_tiny_model
-from fedtune.report import plot_run, rounds_table, summary_text
+from fedtune.report import answer_rows, answers_text, plot_run, rounds_table, summary_text
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
+BASE_ANSWERS = "answers_base.json"
 
 
 def _add_file_log(run_dir: Path) -> logging.Handler:
@@ -78,6 +80,7 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
     if not resume:
         save_config(cfg, run_dir / CONFIG_NAME)
     torch.manual_seed(cfg.federation.seed)  # anything left on global RNG is seeded too
+    threads = ThreadPolicy(cfg.model.threads)
 
     # -- data and model --------------------------------------------------------------------
     data = build_federated_data(cfg.data)
@@ -103,6 +106,8 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
     algorithm = build_algorithm(cfg.algorithm, int(tokenizer.pad_token_id), tokenizer=tokenizer)
     model = algorithm.prepare(model)
 
+    answers: dict[str, list[str]] = {}  # the base and final greedy answers, for answers.jsonl
+
     def measure(round_: int, final: bool) -> dict[str, float]:
         def due(interval: int) -> bool:
             return final or round_ == 0 or (interval > 0 and round_ % interval == 0)
@@ -119,10 +124,17 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
                 loss=want_loss, template=template)
             return scores
         # a peft model (FedIT) generates and scores like the PreTrainedModel it wraps
-        return evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type]
-                        max_new_tokens=ev.max_new_tokens,
-                        batch_size=ev.batch_size, max_length=cfg.data.max_length,
-                        rouge=want_rouge, loss=want_loss, template=template, progress=progress)
+        kept: list[str] | None = [] if round_ == 0 or final else None
+        scores = evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type]
+                          max_new_tokens=ev.max_new_tokens,
+                          batch_size=ev.batch_size, max_length=cfg.data.max_length,
+                          rouge=want_rouge, loss=want_loss, template=template,
+                          progress=progress, answers=kept)
+        if kept:
+            answers["final" if final else "base"] = kept
+            if not final:  # a resumed run needs the base answers after a restart
+                (run_dir / BASE_ANSWERS).write_text(json.dumps(kept))
+        return scores
 
     # -- resume or start -------------------------------------------------------------------
     start_round, counters = 1, {"cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}
@@ -174,6 +186,7 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
         row.update({k: v for k, v in scores.items() if k.startswith("small_")})  # FedPT
         bar.set_postfix(loss=f"{row['train_loss']:.3f}" if row["train_loss"] else "-")
         metrics.append(row)
+        threads.update()
         if cfg.output.checkpoint:
             save_checkpoint(run_dir, r, algorithm.state_dict(), counters)
         if getattr(algorithm, "target_met", lambda _: False)(scores):  # FedPT's stopping rule
@@ -193,8 +206,19 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
     summary = build_summary(cfg, metrics.rows, len(clients), per_round, counters, run_dir,
                             model_dir, plots, device)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    changes = None
+    base_file = run_dir / BASE_ANSWERS
+    if "final" in answers and base_file.is_file():
+        base = json.loads(base_file.read_text())
+        if len(base) == len(answers["final"]):
+            changes = answer_rows(eval_records, base, answers["final"])
+            with (run_dir / "answers.jsonl").open("w") as f:
+                for row in changes:
+                    f.write(json.dumps(row) + "\n")
     if progress:
         print(rounds_table(metrics.rows))
+        if changes:
+            print(answers_text(changes))
         print(summary_text(summary))
     return summary
 

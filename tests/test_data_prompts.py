@@ -167,7 +167,8 @@ def test_chat_mask_covers_exactly_the_answer_and_end_of_turn(chat_tok: Any) -> N
 def test_chat_prompt_is_the_rendered_generation_prompt(chat_tok: Any) -> None:
     rec = Record(instruction="Say hi.", input="", output="hi")
     ids = prompt_ids(rec, chat_tok, "chat")
-    assert "".join(chat_tok.convert_ids_to_tokens(ids)) == "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    assert "".join(chat_tok.convert_ids_to_tokens(ids)) == (
+        "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n")
     assert prompt_ids(rec, chat_tok, "alpaca") == char_ids(chat_tok, format_prompt(rec))
 
 

@@ -432,3 +432,34 @@ def test_keep_z_gives_the_same_round_bit_for_bit():
         run_round(alg, model, 1, [0, 1])
         results.append(alg.server.accumulators.clone())
     assert torch.equal(results[0], results[1])
+
+
+def test_a_device_reading_w0_from_its_files_rebuilds_the_same_bits(tmp_path):
+    """A Flower node reads w0 from the model directory (no second copy in memory) and keeps no
+    round-model copy; its rebuilt model and its reply equal the in-memory path's bit for bit."""
+    from fedtune.algorithms.fedkseed.replay import FileWeights
+
+    server, model = make("fedkseed")
+    run_round(server, model, 1, [0, 1])
+    base = tiny_model()
+    base.save_pretrained(tmp_path)  # the directory the device loaded its model from
+    server.begin_round(2)
+    payload = server.download(2, 3)
+    replies, params = [], []
+    for from_files in (False, True):
+        cfg = AlgorithmConfig(name="fedkseed")
+        cfg.fedkseed = FedKSeedConfig(k_seeds=16, tau=6, lr=1e-3)
+        device = build_algorithm(cfg, pad_id=0)
+        if from_files:
+            device.w0_dir, device.cache_round_model = tmp_path, False
+        m = device.prepare(tiny_model())
+        assert isinstance(device.w0, FileWeights) == from_files
+        replies.append(device.client_round(m, payload, examples(3), 2, 7))
+        device._set_round_model(trainable(m), server.server.accumulators)
+        params.append([p.detach().clone() for p in trainable(m)])
+        assert device._cached == [] or not from_files
+    assert replies[0] == replies[1]
+    for a, b in zip(*params, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(KeyError, match="holds no tensor"):
+        FileWeights(tmp_path, ["not.a.parameter"])

@@ -81,8 +81,12 @@ def evaluate(
     loss: bool = True,
     template: str = "auto",
     progress: bool = False,
+    answers: list[str] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``records`` with prompts in ``template``.
+
+    ``answers``: when a list is given and Rouge-L is measured, the greedy answers are appended to
+    it, in the order of ``records``.
 
     Returns ``num_examples`` plus ``rougeL`` (mean Rouge-L F of greedy outputs, in [0, 1]) when
     ``rouge`` and ``eval_loss`` (token-weighted mean cross-entropy on the responses; ``nan`` if
@@ -98,6 +102,8 @@ def evaluate(
                                        batch_size=batch_size, max_length=max_length,
                                        template=template, progress=progress)
         results["rougeL"] = rouge_l(predictions, [record.output for record in records])
+        if answers is not None:
+            answers.extend(predictions)
     return results
 
 

@@ -18,22 +18,27 @@ from transformers import PreTrainedModel
 IGNORE_INDEX = -100
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Mean Rouge-L F-measure of ``predictions`` against ``references``, in [0, 1].
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Rouge-L F-measure of each prediction against its reference, in [0, 1].
 
-    Raises ``ValueError`` when the lengths differ; an empty input scores 0.0.
+    Raises ``ValueError`` when the lengths differ.
     """
     if len(predictions) != len(references):
         raise ValueError(
             f"{len(predictions)} predictions but {len(references)} references"
         )
-    if not predictions:
-        return 0.0
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    total = 0.0
-    for prediction, reference in zip(predictions, references, strict=True):
-        total += scorer.score(reference, prediction)["rougeL"].fmeasure
-    return total / len(predictions)
+    return [scorer.score(reference, prediction)["rougeL"].fmeasure
+            for prediction, reference in zip(predictions, references, strict=True)]
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean Rouge-L F-measure of ``predictions`` against ``references``, in [0, 1].
+
+    Raises ``ValueError`` when the lengths differ; an empty input scores 0.0.
+    """
+    scores = rouge_l_scores(predictions, references)
+    return sum(scores) / len(scores) if scores else 0.0
 
 
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:

@@ -39,6 +39,13 @@ class ModelConfig:
         "auto", "Device to run on: 'auto' (cuda when available, else cpu), 'cpu' or 'cuda'.",
         DEVICES,
     )
+    threads: int = option(
+        0,
+        "torch CPU threads. 0 (auto): the usable cores minus those other processes keep busy, "
+        "re-measured every round (on shared cores a full thread team collapses: a forward of "
+        "the small model ran 70x slower at 2 threads than at 1 beside two busy processes; "
+        "fedtune/cpu.py, BENCHMARKS.md). N > 0: exactly N.",
+    )
     tiny_vocab_size: int = option(512, "Tiny model: BPE vocabulary size (special tokens included).")
     tiny_hidden_size: int = option(64, "Tiny model: hidden size.")
     tiny_layers: int = option(2, "Tiny model: number of decoder layers.")
@@ -53,6 +60,8 @@ class ModelConfig:
         check_choices(self, prefix)
         check(bool(self.path.strip()), f"{prefix}.path", self.path,
               "must be 'tiny', a local model directory or a hub id")
+        check(isinstance(self.threads, int) and self.threads >= 0, f"{prefix}.threads",
+              self.threads, "must be >= 0 (0 = the free cores)")
         for key in ("tiny_vocab_size", "tiny_hidden_size", "tiny_layers", "tiny_heads",
                     "tiny_max_positions"):
             value = getattr(self, key)

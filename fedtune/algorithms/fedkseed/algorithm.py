@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 from fedtune.algorithms.base import ReplyInfo
 from fedtune.algorithms.config import AlgorithmConfig
 from fedtune.algorithms.fedkseed.client import local_zo_train
-from fedtune.algorithms.fedkseed.replay import catch_up_, rebuild_, seed_pool
+from fedtune.algorithms.fedkseed.replay import FileWeights, catch_up_, rebuild_, seed_pool
 from fedtune.algorithms.fedkseed.server import FedKSeedServer
 from fedtune.algorithms.fedkseed.wire import Download, Reply
 from fedtune.data.prompts import TokenizedExample
@@ -66,7 +66,11 @@ class FedKSeed:
         self.name = "fedkseed-pro" if pro else "fedkseed"
         self.pool = seed_pool(self.cfg.seed, self.cfg.k_seeds)
         self.server = FedKSeedServer(self.cfg, pro)
-        self.w0: list[torch.Tensor] | None = None
+        self.w0: Sequence[torch.Tensor] | None = None
+        # A device (one client per process) sets these to hold about inference memory: w0 read
+        # from the model's files instead of a copy in memory, and no copy of the round model.
+        self.w0_dir: Path | None = None
+        self.cache_round_model = True
         self._cached: list[torch.Tensor] = []
         self._cached_acc: torch.Tensor | None = None
         self.param_names: list[str] = []
@@ -83,10 +87,13 @@ class FedKSeed:
             p.requires_grad_(True)  # full-parameter; no autograd graph is ever built
         model.eval()
         self.param_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.w0 = [p.detach().clone() for p in trainable(model)]
+        if self.w0_dir is not None:
+            self.w0 = FileWeights(self.w0_dir, self.param_names)
+        else:
+            self.w0 = [p.detach().clone() for p in trainable(model)]
         return model
 
-    def _w0(self) -> list[torch.Tensor]:
+    def _w0(self) -> Sequence[torch.Tensor]:
         if self.w0 is None:
             raise RuntimeError("prepare() must run first")
         return self.w0
@@ -119,6 +126,9 @@ class FedKSeed:
         would rebuild itself (whose download bytes are still counted), at the cost of one more
         float32 copy of the trainable parameters instead of one K-seed replay per client.
         """
+        if not self.cache_round_model:
+            rebuild_(params, self._w0(), self.pool, acc, self.cfg.lr)
+            return
         if self._cached_acc is None or not torch.equal(self._cached_acc, acc):
             rebuild_(params, self._w0(), self.pool, acc, self.cfg.lr)
             self._cached = [p.detach().clone() for p in params]

@@ -7,7 +7,8 @@ rebuild the model with the same function, :func:`rebuild_`, from the same float3
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,3 +55,43 @@ def rebuild_(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], pool: S
     for p, p0 in zip(params, w0, strict=True):
         p.copy_(p0)
     catch_up_(params, pool, accumulators, lr)
+
+
+class FileWeights(Sequence[torch.Tensor]):
+    """w0 read from a model directory's safetensors files, one tensor at a time.
+
+    A device rebuilds w0 − lr · Σ A_j z(s_j) once per round; holding w0 as a second float32 copy
+    of the model doubles its memory (538 MB for a 135M model). This sequence reads each
+    parameter from the file when :func:`rebuild_` reaches it (safetensors memory-maps the file),
+    cast to float32 exactly as loading did, so the rebuilt model is bitwise the same.
+    """
+
+    def __init__(self, model_dir: str | Path, names: Sequence[str]) -> None:
+        from safetensors import safe_open
+
+        self.names = list(names)
+        self._where: dict[str, Path] = {}
+        for file in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118  # safe_open has keys(), not __iter__
+                    self._where.setdefault(key, file)
+        missing = [n for n in self.names if n not in self._where]
+        if missing:
+            raise KeyError(f"{model_dir} holds no tensor {missing[0]!r} (and {len(missing) - 1} "
+                           "more): not the directory the model was loaded from")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _load(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._where[name]), framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return self._load(self.names[index])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for name in self.names:
+            yield self._load(name)

@@ -129,9 +129,10 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
 
     from fedtune.algorithms import build_algorithm
     from fedtune.algorithms.fedkseed.algorithm import FedKSeed
+    from fedtune.cpu import ThreadPolicy
     from fedtune.data.pipeline import all_texts, build_federated_data, load_records
     from fedtune.data.prompts import tokenize_records
-    from fedtune.models.loading import load_model_and_tokenizer
+    from fedtune.models.loading import load_model_and_tokenizer, resolve_model_source
     from fedtune.runner import base_model_path
 
     if client_id != settings.partition_id:
@@ -150,6 +151,7 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
                               "downloaded model code unless its node config says "
                               "trust-remote-code=true")
     torch.manual_seed(cfg.federation.seed)  # as the in-process run does
+    ThreadPolicy(cfg.model.threads)  # the node's free cores (nodes often share a machine)
 
     data = None
     if settings.data_path:
@@ -178,6 +180,12 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
         # the distillation stay on the server
         alg_cfg = replace(alg_cfg, name=alg_cfg.fedpt.device_trainer)
     algorithm = build_algorithm(alg_cfg, int(tokenizer.pad_token_id), tokenizer=tokenizer)
+    if isinstance(algorithm, FedKSeed):  # one client per process: about inference memory
+        algorithm.cache_round_model = False
+        source = Path(resolve_model_source(model_path, cfg.model.cache_dir or None))
+        # (float32 only: a model loaded in a lower precision and upcast is not the file's w0)
+        if cfg.model.dtype == "float32" and source.is_dir() and any(source.glob("*.safetensors")):
+            algorithm.w0_dir = source  # w0 read from the files, not a second copy in memory
     prepared = algorithm.prepare(model)
     holds = -1
     if cfg.federation.delta_downloads and isinstance(algorithm, FedKSeed):
