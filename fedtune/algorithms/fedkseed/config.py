@@ -2,8 +2,8 @@
 
 Names follow the paper (Qin et al., ICML 2024, arXiv 2312.06353): K seeds (``k_seeds``), the
 perturbation scale ε (``zo_eps``), τ local steps per round (``tau``). The defaults are the quick
-start's (``configs/quickstart.toml`` says why), for the 2.1M-parameter small base model on a CPU;
-the paper's values are in each help text.
+start's (``configs/quickstart.toml`` says why), for the real model smollm2-135m on a CPU; the
+paper's values are in each help text.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ class FedKSeedConfig:
     k_seeds: int = option(1024, "K, the size of the seed pool every perturbation is drawn from "
                               "(paper: 4096; 1024 in the reference's README runs).")
     zo_eps: float = option(5e-4, "ε, the scale of the two-point perturbation θ ± εz (paper 5e-4).")
-    lr: float = option(2e-4, "Zeroth-order SGD learning rate; the global model is "
-                             "w0 - lr * sum_j A_j z(s_j) (paper: 3e-7 on 1.3B-3B models).")
-    tau: int = option(75, "τ, zeroth-order steps each sampled client takes per round (paper 200).")
+    lr: float = option(3e-5, "Zeroth-order SGD learning rate; the global model is "
+                             "w0 - lr * sum_j A_j z(s_j) (paper: 3e-7 on 1.3B-3B models; "
+                             "3e-5 for the 135M smollm2-135m, 2e-4 for the 2.1M small model).")
+    tau: int = option(20, "τ, zeroth-order steps each sampled client takes per round (paper 200).")
     batch_size: int = option(4, "Examples per zeroth-order step (paper 1).")
     clip: float = option(1000.0, "FedKSeed-Pro: c in the seed importance mean(|clip(g, -c, c)|) "
                                  "(paper 1000). Only the importance is clipped, never the update.")
