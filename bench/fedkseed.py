@@ -259,7 +259,9 @@ def bench_replay(s: Setup, model: torch.nn.Module | None = None) -> dict[str, An
 # -- 3. peak memory -------------------------------------------------------------------------------
 
 MEMORY_OPS = ("inference_forward", "zo_step_default", "zo_step_keep_z", "fedit_lora_step",
-              "fedavg_full_step")
+              "fedavg_full_step", "device_round", "device_round_keep_z",
+              "device_round_w0_in_memory")
+DEVICE_SEEDS = 64  # non-zero accumulators the device's rebuild replays (a few rounds in)
 
 
 def _status(key: str) -> int:
@@ -297,11 +299,14 @@ def memory_worker(s: Setup, op: str) -> dict[str, int]:
     warm = build_model(micro).train()
     warm(**make_batch(micro)).loss.backward()  # lazy library init (BLAS, oneDNN, autograd)
     del warm
+    model_dir = _model_dir_on_disk(s) if op.startswith("device_round") else None
     _release()
     base = _status("VmRSS")
     model, batch = build_model(s), make_batch(s)
     run: Callable[[], object]
-    if op == "inference_forward":
+    if op.startswith("device_round"):
+        run = _device_round(op, model, batch, model_dir)
+    elif op == "inference_forward":
         def run() -> object:
             return zo_loss(model, batch)
     elif op.startswith("zo_step"):
@@ -336,6 +341,53 @@ def memory_worker(s: Setup, op: str) -> dict[str, int]:
     peak = _status("VmHWM")
     return {"peak_bytes": peak - base, "resident_before_bytes": rss_before - base,
             "increment_bytes": peak - rss_before}
+
+
+def _model_dir_on_disk(s: Setup) -> Path:
+    """The directory the device loads its model from (and may read w0 from)."""
+    if s.model:
+        from fedtune.models.loading import resolve_model_source
+
+        return Path(resolve_model_source(s.model))
+    import tempfile
+
+    out = Path(tempfile.mkdtemp(prefix="bench-fedkseed-"))
+    build_model(s).save_pretrained(out)
+    return out
+
+
+def _device_round(op: str, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  model_dir: Path | None) -> Callable[[], object]:
+    """One FedKSeed client round as a Flower node runs it: decode a download whose accumulators
+    touch DEVICE_SEEDS seeds, rebuild the round model, 2 steps, encode the reply.
+    ``device_round``: w0 read from the model files and no copy of the round model (what a node
+    does now); ``_keep_z``: the same with z kept during a step; ``_w0_in_memory``: w0 as a
+    second copy in memory plus the round-model copy (what a node did before)."""
+    from fedtune.algorithms import build_algorithm
+    from fedtune.algorithms.config import AlgorithmConfig
+    from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+    from fedtune.algorithms.fedkseed.wire import Download
+    from fedtune.data.prompts import TokenizedExample
+
+    k = 1024
+    cfg = AlgorithmConfig(name="fedkseed")
+    cfg.fedkseed = FedKSeedConfig(k_seeds=k, tau=2, batch_size=int(batch["input_ids"].shape[0]),
+                                  lr=1e-7, keep_z=op == "device_round_keep_z")
+    alg: Any = build_algorithm(cfg, pad_id=0)
+    if op != "device_round_w0_in_memory":
+        alg.w0_dir, alg.cache_round_model = model_dir, False
+    model = alg.prepare(model)
+    acc = torch.zeros(k)
+    acc[torch.arange(DEVICE_SEEDS) * (k // DEVICE_SEEDS)] = torch.linspace(-50, 50, DEVICE_SEEDS)
+    examples = [TokenizedExample(row.tolist(), row.tolist()) for row in batch["input_ids"]]
+    rounds = iter(range(2, 10**6))
+
+    def run() -> object:
+        r = next(rounds)
+        moved = torch.where(acc != 0, acc + r, acc)  # a new A every round, the same seeds
+        payload = Download(round=r, accumulators=moved).encode()
+        return alg.client_round(model, payload, examples, r, 7)
+    return run
 
 
 def memory_peak(s: Setup, quick: bool) -> dict[str, Any]:

@@ -14,7 +14,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_are_valid():
     cfg = load_config()
-    assert cfg.algorithm.name == "fedkseed" and cfg.model.path == "small"
+    assert cfg.algorithm.name == "fedkseed" and cfg.model.path == "smollm2-135m"
     assert cfg.data.format == "generated"
 
 

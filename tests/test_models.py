@@ -175,7 +175,7 @@ def test_ensure_pad_token_adds_and_resizes() -> None:
 def test_model_config_defaults_validate() -> None:
     cfg = ModelConfig()
     cfg.validate()
-    assert (cfg.path, cfg.dtype, cfg.device) == ("small", "float32", "auto")
+    assert (cfg.path, cfg.dtype, cfg.device) == ("smollm2-135m", "float32", "auto")
     assert (cfg.tiny_vocab_size, cfg.tiny_hidden_size, cfg.tiny_layers) == (512, 64, 2)
 
 
