@@ -7,8 +7,11 @@
 For each model and each thread setting (1, every usable core, and fedtune's auto policy,
 :class:`fedtune.cpu.ThreadPolicy`), a fresh subprocess times a forward at batch 1 x 128 and a
 greedy generation of 16 tokens after a 32-token prompt (medians of a few repeats after a warm-up),
-first on idle cores and then with one busy-looping process per usable core beside it. A fresh
-process per measurement means OpenMP's team is sized and initialised exactly as in a run.
+on idle cores ("idle"), beside one busy-looping Python process per usable core ("busy"), and
+beside another torch process running matrix products on a full thread team ("torch": two
+OpenMP teams spin-waiting on the same cores, as when two runs, or a run and the tests, share a
+machine). A fresh process per measurement means OpenMP's team is sized and initialised exactly
+as in a run.
 Run it on otherwise idle cores (check ``uptime``): the "idle" rows assume nothing else runs.
 """
 
@@ -25,6 +28,14 @@ from datetime import date
 from typing import Any
 
 SETTINGS = ("1", "all", "auto")
+LOADS = ("idle", "busy", "torch")
+TORCH_JOB = """
+import torch
+torch.set_num_threads({threads})
+a = torch.randn(256, 256)
+while True:
+    a = torch.tanh(a @ a.T / 256)
+"""
 
 
 def worker(model_name: str, setting: str, repeats: int) -> dict[str, Any]:
@@ -78,11 +89,16 @@ def run(models: list[str], repeats: int, timeout: float) -> dict[str, Any]:
     cores = usable_cpus()
     res: dict[str, Any] = {"date": date.today().isoformat(), "usable_cores": cores,
                            "load_avg_start": os.getloadavg(), "results": {}}
-    for load in ("idle", "loaded"):
-        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                for _ in range(cores if load == "loaded" else 0)]
+    for load in LOADS:
+        if load == "busy":
+            hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                    for _ in range(cores)]
+        elif load == "torch":
+            hogs = [subprocess.Popen([sys.executable, "-c", TORCH_JOB.format(threads=cores)])]
+        else:
+            hogs = []
         try:
-            time.sleep(1.0 if hogs else 0)
+            time.sleep(3.0 if hogs else 0)  # (the torch job imports torch first)
             for m in models:
                 for setting in SETTINGS:
                     res["results"][f"{m}/{load}/{setting}"] = measure(m, setting, repeats,
@@ -97,8 +113,9 @@ def run(models: list[str], repeats: int, timeout: float) -> dict[str, Any]:
 
 def table(res: dict[str, Any]) -> str:
     lines = [f"threads under a competing load, {res['date']}, {res['usable_cores']} usable cores, "
-             f"load avg at start {res['load_avg_start'][0]:.2f}; 'loaded' = one busy process "
-             "per core beside the measurement", "",
+             f"load avg at start {res['load_avg_start'][0]:.2f}; beside the measurement: "
+             "nothing (idle), one busy loop per core (busy), a torch job on every core (torch)",
+             "",
              f"{'model':14s} {'cores':7s} {'setting':8s} {'threads':>7s} {'forward s':>10s} "
              f"{'gen16 s':>9s}"]
     for key, r in res["results"].items():

@@ -73,15 +73,16 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def answers_text(rows: Sequence[dict[str, Any]], show: int = 3, width: int = 96) -> str:
-    """How the answers changed: counts by per-answer Rouge-L, then the first ``show`` answers
-    (in eval order) that changed, before and after, under their prompt and reference."""
-    better = sum(r["rougeL_after"] > r["rougeL_before"] for r in rows)
-    worse = sum(r["rougeL_after"] < r["rougeL_before"] for r in rows)
+def answers_text(rows: Sequence[dict[str, Any]], width: int = 96) -> str:
+    """How the answers changed: counts by per-answer Rouge-L, then, in eval order, the first two
+    answers whose Rouge-L rose and the first whose Rouge-L fell, before and after."""
+    up = [r for r in rows if r["rougeL_after"] > r["rougeL_before"]]
+    down = [r for r in rows if r["rougeL_after"] < r["rougeL_before"]]
     changed = [r for r in rows if r["before"] != r["after"]]
-    out = [f"answers: {len(changed)} of {len(rows)} changed; per-answer Rouge-L up for {better}, "
-           f"down for {worse} (all in answers.jsonl)"]
-    for r in changed[:show]:
+    out = [f"answers: {len(changed)} of {len(rows)} changed; per-answer Rouge-L up for "
+           f"{len(up)}, down for {len(down)} (all in answers.jsonl); the first two up and the "
+           "first down:"]
+    for r in up[:2] + down[:1]:
         prompt = r["instruction"] + (f" | {r['input']}" if r["input"] else "")
         out += [f"  prompt    {_clip(prompt, width)}",
                 f"  reference {_clip(r['reference'], width)}",
