@@ -187,3 +187,23 @@ def test_idle_sessions_expire_and_open_sessions_are_capped():
     capped.close(a)
     capped.start([[3]])
     assert capped.open_sessions() == 2
+
+
+def test_proxy_evaluation_with_chat_prompts_equals_the_large_model_alone():
+    """FedPT scores chat-template prompts exactly as every other method does: with tuned equal
+    to base, the proxy's answers and eval loss are the large model's under the same template."""
+    from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
+    from fedtune.data.records import Record
+    from fedtune.eval.evaluate import evaluate
+
+    large, tok = load_model_and_tokenizer(LARGE, "float32", "cpu")
+    small, _ = load_model_and_tokenizer(SMALL, "float32", "cpu")
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    records = [Record("Name a colour.", "", "Red."), Record("Add the numbers.", "2 and 3", "5")]
+    proxy = ProxyModel(LocalLogits(large, tok), LocalLogits(small, tok), LocalLogits(small, tok))
+    kw = {"max_new_tokens": 8, "batch_size": 2, "max_length": 128, "template": "chat"}
+    got = evaluate_proxy(proxy, tok, records, **kw)
+    want = evaluate(large, tok, records, **kw)
+    assert got["rougeL"] == want["rougeL"]
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], abs=1e-4)
