@@ -28,6 +28,7 @@ from fedtune.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl.gz"
+NI = ROOT.parent / "shared" / "data" / "natural-instructions"
 
 PROTOCOL = [
     "data.format=dolly", "data.heldout_category=summarization", "data.partition=dirichlet",
@@ -35,6 +36,18 @@ PROTOCOL = [
     "output.plots=false", "output.save_model=false", "output.checkpoint=false",
     "evaluation.loss_interval=0", "evaluation.rouge_interval=0",
 ]
+
+# Natural Instructions as the paper samples it (configs/ni-fedkseed.toml): one client per train
+# task present here (57), evaluation on the test tasks.
+PROTOCOL_NI = [
+    "data.format=natural-instructions", f"data.path={json.dumps(str(NI))}",
+    "data.partition=natural", "data.num_clients=57", "data.max_length=512",
+    "output.plots=false", "output.save_model=false", "output.checkpoint=false",
+    "evaluation.loss_interval=0", "evaluation.rouge_interval=0",
+]
+PROTOCOLS = {"dolly": "dolly-15k, summarization held out, 200 clients, Dirichlet 0.5",
+             "ni": "natural instructions (the part in ../shared/data), one client per train "
+                   "task (57), the test tasks evaluated"}
 
 METHODS: dict[str, list[str]] = {
     "fedkseed": ["algorithm.name=fedkseed", "algorithm.fedkseed.k_seeds=1024",
@@ -71,12 +84,16 @@ REAL: dict[str, list[str]] = {
 
 def quality(model: str, rounds: int, clients_per_round: int, eval_examples: int,
             max_new_tokens: int, methods: list[str] | None = None,
-            extra: list[str] | None = None, progress: bool = False) -> dict[str, Any]:
+            extra: list[str] | None = None, progress: bool = False,
+            data: str = "dolly") -> dict[str, Any]:
     """Run every method on the protocol; {method: Rouge-L and eval loss before/after, bytes}."""
-    if not DOLLY.is_file():
-        raise FileNotFoundError(f"{DOLLY} is missing: the quality benchmark needs Dolly-15k")
-    common = PROTOCOL + [
-        f"data.path={json.dumps(str(DOLLY))}", f"model.path={json.dumps(model)}",
+    source = DOLLY if data == "dolly" else NI
+    if not source.exists():
+        raise FileNotFoundError(f"{source} is missing: the quality benchmark needs it")
+    protocol = (PROTOCOL + [f"data.path={json.dumps(str(DOLLY))}"] if data == "dolly"
+                else PROTOCOL_NI)
+    common = protocol + [
+        f"model.path={json.dumps(model)}",
         f"federation.rounds={rounds}", f"federation.clients_per_round={clients_per_round}",
         f"evaluation.max_examples={eval_examples}", f"evaluation.max_new_tokens={max_new_tokens}",
     ] + (extra or [])
@@ -103,7 +120,7 @@ def quality(model: str, rounds: int, clients_per_round: int, eval_examples: int,
                          "settings": table[name]}
             if progress:
                 print(f"{name}: {out[name]}", file=sys.stderr, flush=True)
-    return {"protocol": {"data": "dolly-15k, summarization held out, 200 clients, Dirichlet 0.5",
+    return {"protocol": {"data": PROTOCOLS[data], "extra": extra or [],
                          "model": model, "rounds": rounds, "clients_per_round": clients_per_round,
                          "eval_examples": eval_examples, "max_new_tokens": max_new_tokens},
             "methods": out}
@@ -120,13 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--methods", default="",
                     help="comma-separated (default: every method of the model's table)")
+    ap.add_argument("--data", choices=sorted(PROTOCOLS), default="dolly",
+                    help="the protocol: Dolly-15k (default) or Natural Instructions")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for every method (e.g. data.max_length=512)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     r = quality(args.model, args.rounds, args.clients_per_round, args.eval_examples,
                 args.max_new_tokens, args.methods.split(",") if args.methods else None,
-                args.extra, progress=True)
+                args.extra, progress=True, data=args.data)
     if args.json:
         print(json.dumps(r, indent=1))
     else:
