@@ -17,10 +17,38 @@ from typing import Any
 import torch
 
 
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak (a run's own, even when a process runs several): the CUDA allocator's
+    peak on a GPU, else the kernel's RSS high-water mark (Linux; elsewhere a no-op)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocator peak on a GPU, else the process's peak RSS."""
+    """Peak memory since :func:`reset_peak_memory` (or the start): CUDA allocator peak on a GPU,
+    else the RSS high-water mark (VmHWM; ``ru_maxrss`` where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

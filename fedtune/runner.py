@@ -26,7 +26,7 @@ from fedtune.data.prompts import resolve_template, tokenize_records
 from fedtune.eval.evaluate import evaluate, select_eval_records
 from fedtune.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.federation.simulation import EngineFactory, InProcessEngine
-from fedtune.metrics import MetricsLog, peak_memory_mb
+from fedtune.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
 from fedtune.models.loading import load_model_and_tokenizer, resolve_device
 from fedtune.models.tiny import build_tiny_model
 from fedtune.report import answer_rows, answers_text, plot_run, rounds_table, summary_text
@@ -81,6 +81,7 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
         save_config(cfg, run_dir / CONFIG_NAME)
     torch.manual_seed(cfg.federation.seed)  # anything left on global RNG is seeded too
     threads = ThreadPolicy(cfg.model.threads)
+    reset_peak_memory(resolve_device(cfg.model.device))  # this run's peak, not the process's
 
     # -- data and model --------------------------------------------------------------------
     data = build_federated_data(cfg.data)
