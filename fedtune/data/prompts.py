@@ -87,31 +87,27 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
     return text
 
 
-_eot_cache: dict[int, int] = {}
-
-
 def end_of_turn_id(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -> int:
-    """The token that ends an answer: EOS for Alpaca, the chat template's end of turn for chat."""
+    """The token that ends an answer: EOS for Alpaca, the chat template's end of turn for chat.
+
+    Derived each call from the tokenizer as it is now (one render and one short encoding), so a
+    tokenizer whose template changes is never answered from a stale cache; callers that tokenise
+    many records compute it once (:func:`tokenize_records`).
+    """
     eos = tokenizer.eos_token_id
     if resolve_template(tokenizer, template) == "alpaca":
         if eos is None:
             raise ValueError("the tokenizer has no eos_token_id; set tokenizer.eos_token first")
         return int(eos)
-    key = id(tokenizer)
-    if key not in _eot_cache:
-        user = {"role": "user", "content": "Hi"}
-        full = _render(tokenizer, [user, {"role": "assistant", "content": _MARK}], False)
-        after = full[full.index(_MARK) + len(_MARK):]
-        ids = _encode(tokenizer, after, special=False)
-        specials = set(tokenizer.all_special_ids)
-        if ids and ids[0] in specials:
-            _eot_cache[key] = int(ids[0])
-        elif eos is not None:
-            _eot_cache[key] = int(eos)
-        else:
-            raise ValueError("the chat template closes a turn with no special token and the "
-                             "tokenizer has no EOS: no token can end an answer")
-    return _eot_cache[key]
+    user = {"role": "user", "content": "Hi"}
+    full = _render(tokenizer, [user, {"role": "assistant", "content": _MARK}], False)
+    ids = _encode(tokenizer, full[full.index(_MARK) + len(_MARK):], special=False)
+    if ids and ids[0] in set(tokenizer.all_special_ids):
+        return int(ids[0])
+    if eos is not None:
+        return int(eos)
+    raise ValueError("the chat template closes a turn with no special token and the tokenizer "
+                     "has no EOS: no token can end an answer")
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -> list[int]:
@@ -188,16 +184,19 @@ def prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase,
 
 
 def tokenize_record(
-    record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, template: str = "auto"
+    record: Record, tokenizer: PreTrainedTokenizerBase, max_length: int, template: str = "auto",
+    *, end: int | None = None,
 ) -> TokenizedExample:
     """``prompt + response + END``, labels ``-100`` on the prompt, fitted by :func:`fit_example`.
 
     input_ids = prompt ids ⧺ tok(output, no specials) ⧺ [END], END = EOS (Alpaca) or the chat
     template's end-of-turn token; labels = [-100] * len(prompt ids) ⧺ the response ids ⧺ [END].
+    ``end`` may be passed when already known (:func:`end_of_turn_id`).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
-    end = end_of_turn_id(tokenizer, template)
+    if end is None:
+        end = end_of_turn_id(tokenizer, template)
     prompt, response = fit_example(
         prompt_ids(record, tokenizer, template),
         _encode(tokenizer, record.output, special=False) + [end], max_length)
@@ -214,7 +213,8 @@ def tokenize_records(
     ``quiet`` leaves the logging to the caller, e.g. to report one line for 200 clients rather
     than one per client.
     """
-    out = [tokenize_record(record, tokenizer, max_length, template) for record in records]
+    end = end_of_turn_id(tokenizer, template)  # once, not per record
+    out = [tokenize_record(record, tokenizer, max_length, template, end=end) for record in records]
     cut = sum(len(ex.input_ids) >= max_length for ex in out)
     if cut and not quiet:
         logger.info("%d of %d examples reach max_length=%d: their prompts lost middle tokens "
