@@ -187,9 +187,9 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
         row.update({k: v for k, v in scores.items() if k.startswith("small_")})  # FedPT
         bar.set_postfix(loss=f"{row['train_loss']:.3f}" if row["train_loss"] else "-")
         metrics.append(row)
-        threads.update()
         if cfg.output.checkpoint:
             save_checkpoint(run_dir, r, algorithm.state_dict(), counters)
+        threads.update()  # after the checkpoint: nothing between a round's row and its checkpoint
         if getattr(algorithm, "target_met", lambda _: False)(scores):  # FedPT's stopping rule
             log.info("round %d: the target metric is reached; stopping", r)
             last = fed.rounds
