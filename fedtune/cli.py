@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"fedtune: config error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"fedtune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

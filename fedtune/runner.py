@@ -9,9 +9,13 @@ pure functions of (seed, round, client), the resumed run ends with the same mode
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,38 @@ from fedtune.report import answer_rows, answers_text, plot_run, rounds_table, su
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
 BASE_ANSWERS = "answers_base.json"
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(FileExistsError):
+    """Another live process is writing the run directory (the CLI reports it as an error)."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``run_dir`` for one run; a second writer is refused at once.
+
+    Two processes appending to one ``metrics.jsonl`` and overwriting one checkpoint (say an old
+    ServerApp still alive after its SuperLink was restarted, beside the resumed one) would leave
+    a run that neither wrote. The lock is an ``flock`` on ``run_dir/.lock``: the kernel drops it
+    when its holder dies, so a crashed run never leaves the directory locked.
+    """
+    f = open(run_dir / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RunDirBusy(f"{run_dir} is being written by another fedtune process "
+                             f"(pid {holder}); wait for it or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the file releases the lock
 
 
 def _add_file_log(run_dir: Path) -> logging.Handler:
@@ -69,7 +105,9 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool =
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _add_file_log(run_dir)
     try:
-        return _run(cfg, run_dir, resume, progress, stop_after, t0, engine or InProcessEngine)
+        with run_dir_lock(run_dir):
+            return _run(cfg, run_dir, resume, progress, stop_after, t0,
+                        engine or InProcessEngine)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

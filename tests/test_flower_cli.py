@@ -1,5 +1,13 @@
-"""``fedtune flower``: certificates, the app folder, refusals before any process starts."""
+"""``fedtune flower``: certificates, the app folder, refusals before any process starts, and
+stopping what was started."""
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 
 pytest.importorskip("flwr")
@@ -14,7 +22,7 @@ from cryptography.hazmat.primitives.serialization import (  # noqa: E402
 
 from fedtune.cli import main  # noqa: E402
 from fedtune.federation.flower import APP_DIR  # noqa: E402
-from fedtune.federation.flower.local import LocalFederation  # noqa: E402
+from fedtune.federation.flower.local import LocalFederation, stop_tree  # noqa: E402
 
 
 def test_certs_make_a_chain_for_the_hosts_and_node_keys(tmp_path, capsys):
@@ -62,3 +70,32 @@ def test_local_federation_checks_its_arguments(tmp_path):
         LocalFederation(tmp_path, 0)
     with pytest.raises(ValueError, match="simulation"):
         LocalFederation(tmp_path, 2, simulation=True, node_config={"model-dir": "x"})
+
+
+
+def test_stop_tree_stops_descendants_in_sessions_of_their_own(tmp_path):
+    """Flower detaches its SuperExec (``start_new_session``): a process-group signal misses it.
+    ``stop_tree`` stops the process we started and a grandchild in another session, by pid."""
+    pid_file = tmp_path / "grandchild.pid"
+    child_code = (
+        "import subprocess, sys, time; "
+        "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "start_new_session=True); "
+        f"open({str(pid_file)!r}, 'w').write(str(g.pid)); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", child_code], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (pid_file.is_file() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the grandchild never started"
+            time.sleep(0.05)
+        grandchild = psutil.Process(int(pid_file.read_text()))
+        assert grandchild.ppid() == child.pid
+        assert os.getsid(grandchild.pid) != os.getsid(child.pid)  # not in the child's group
+        stop_tree(child.pid, grace=5.0)
+        child.wait(timeout=5)
+        with contextlib.suppress(psutil.NoSuchProcess):  # gone, or a zombie left to init
+            assert grandchild.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

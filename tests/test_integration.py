@@ -1,6 +1,8 @@
 """Whole runs through the CLI on a tiny model: golden losses, run directory contents, resume."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,28 @@ def test_existing_run_dir_is_refused(tmp_path, capsys):
     assert run_cli(out, "federation.rounds=1") == 0
     assert run_cli(out, "federation.rounds=1") == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_a_second_writer_of_a_run_dir_is_refused(tmp_path, capsys):
+    """While another process holds a run directory, a resume of it is refused and changes
+    nothing; once that process is gone (its lock dies with it) the resume goes ahead."""
+    out = tmp_path / "r"
+    assert run_cli(out, "federation.rounds=1") == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush(); print('held', flush=True); "
+         "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(["run", "--quiet", "--resume", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "another fedtune process" in err and "4242" in err
+        assert (out / "metrics.jsonl").read_bytes() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
 
 
 def test_bad_config_stops_before_any_work(tmp_path, capsys):

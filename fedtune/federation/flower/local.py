@@ -3,13 +3,15 @@
 :class:`LocalFederation` starts ``flower-superlink`` and ``flower-supernode`` processes (insecure,
 or with TLS and SuperNode authentication), each in its own session and with its own
 ``FLWR_HOME`` under a work folder, submits runs with ``flwr run`` and stops every process it
-started by its process id (its whole process group: the SuperExec and app processes Flower spawns
-below it), also on Ctrl-C. ``fedtune flower local`` is a thin CLI over it; the tests and
-``bench/flower.py`` use it too. Logs: ``WORK/logs/{superlink,node-N,run-N}.log``.
+started by its process id, with every process below it (the SuperExec and the app processes
+Flower spawns in sessions of their own), also on Ctrl-C. ``fedtune flower local`` is a thin
+CLI over it; the tests and ``bench/flower.py`` use it too.
+Logs: ``WORK/logs/{superlink,node-N,run-N}.log``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
 import tomli_w
 
 from fedtune.federation.flower import APP_DIR, FLOWER_ENV
@@ -32,6 +35,35 @@ from fedtune.federation.flower.node import CACHE_ENV
 
 log = logging.getLogger(__name__)
 PROFILE = "fedtune"
+
+
+def stop_tree(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM ``pid`` and all its descendants, SIGKILL what is left after ``grace`` seconds.
+
+    A member counts as stopped once it is gone or a zombie (its parent, or init, reaps it).
+    """
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(sig)
+        deadline = time.monotonic() + wait
+        while (tree := [p for p in tree if alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not tree:
+            return
+    log.warning("processes %s survived SIGKILL", [p.pid for p in tree])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -150,23 +182,17 @@ class LocalFederation:
         return env
 
     def _reap(self, name: str, grace: float = 10.0) -> None:
-        """Stop one process we started, with everything in its process group, by its pid."""
+        """Stop one process we started and every process below it, by their pids.
+
+        Flower 1.41 starts the SuperExec in a session of its own (``start_new_session``), so a
+        process-group signal misses it and the ServerApp/ClientApp it spawns: left running, an
+        old ServerApp keeps writing the run directory after a restart. The tree is read before
+        the first signal (orphans lose their parent link) and each member is waited for.
+        """
         proc = self.procs.pop(name, None)
         if proc is not None:
-            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(proc.pid, sig)  # the group we created with start_new_session
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
-                    # the group may outlive its leader (SuperExec, app processes)
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-                break
+            stop_tree(proc.pid, grace)
+            proc.wait()
             log.info("stopped %s (pid %d)", name, proc.pid)
         out = self._logs.pop(name, None)
         if out is not None:
@@ -312,5 +338,5 @@ class LocalFederation:
                 return proc.wait(timeout=timeout)
             finally:
                 if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    stop_tree(proc.pid, grace=0.0)
                     proc.wait()
