@@ -15,21 +15,24 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from fedtune.algorithms import build_algorithm
+from fedtune.algorithms import METHODS, Device, DeviceEnv, MethodContext, Server
 from fedtune.config import RunConfig, load_config, save_config
 from fedtune.cpu import ThreadPolicy
 from fedtune.data.pipeline import all_texts, build_federated_data
-from fedtune.data.prompts import resolve_template, tokenize_records
+from fedtune.data.prompts import TokenizedExample, resolve_template, tokenize_records
+from fedtune.data.records import Record
 from fedtune.eval.evaluate import evaluate, select_eval_records
 from fedtune.federation.checkpoint import load_checkpoint, save_checkpoint
-from fedtune.federation.simulation import EngineFactory, InProcessEngine
+from fedtune.federation.engine import Engine, EngineFactory, RoundResult
+from fedtune.federation.simulation import InProcessEngine
 from fedtune.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
 from fedtune.models.loading import load_model_and_tokenizer, resolve_device
 from fedtune.models.tiny import build_tiny_model
@@ -113,15 +116,26 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool =
         handler.close()
 
 
-def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None,
-         t0: float, make_engine: EngineFactory) -> dict[str, Any]:
-    if not resume:
-        save_config(cfg, run_dir / CONFIG_NAME)
-    torch.manual_seed(cfg.federation.seed)  # anything left on global RNG is seeded too
-    threads = ThreadPolicy(cfg.model.threads)
-    reset_peak_memory(resolve_device(cfg.model.device))  # this run's peak, not the process's
+@dataclass
+class _Setup:
+    """Everything a run builds before its first round."""
 
-    # -- data and model --------------------------------------------------------------------
+    cfg: RunConfig
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    template: str
+    clients: list[list[TokenizedExample]]
+    eval_records: list[Record]
+    server: Server
+    device_half: Device
+    device: torch.device
+    progress: bool
+    answers: dict[str, list[str]] = field(default_factory=dict)  # base and final greedy answers
+
+
+def _setup(cfg: RunConfig, run_dir: Path, progress: bool) -> _Setup:
+    """Data, tokenizer, model, and the method's two halves."""
     data = build_federated_data(cfg.data)
     (run_dir / "partition.json").write_text(json.dumps(data.summary.to_dict(), indent=1))
     log.info("partition (%d clients, %d eval records):\n%s", len(data.clients), len(data.eval),
@@ -130,7 +144,6 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
     model, tokenizer = load_model_and_tokenizer(
         base_model_path(cfg, run_dir, all_texts(data)), cfg.model.dtype, cfg.model.device,
         cache_dir=cfg.model.cache_dir or None)
-    device = resolve_device(cfg.model.device)
     template = resolve_template(tokenizer, cfg.data.template)
     log.info("prompt template: %s (data.template = %r)", template, cfg.data.template)
     clients = [tokenize_records(records, tokenizer, cfg.data.max_length, quiet=True,
@@ -142,124 +155,172 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
                  cfg.data.max_length)
     ev = cfg.evaluation
     eval_records = select_eval_records(data.eval, ev.max_examples, ev.seed)
-    algorithm = build_algorithm(cfg.algorithm, int(tokenizer.pad_token_id), tokenizer=tokenizer)
-    model = algorithm.prepare(model)
+    method = METHODS[cfg.algorithm.name]
+    ctx = MethodContext(cfg.algorithm, int(tokenizer.pad_token_id), tokenizer)
+    model = method.prepare(ctx, model)
+    server = method.server(ctx, model)
+    device_half = method.device(ctx, model, DeviceEnv(shared=server.device_share))
+    return _Setup(cfg, run_dir, model, tokenizer, template, clients, eval_records, server,
+                  device_half, resolve_device(cfg.model.device), progress)
 
-    answers: dict[str, list[str]] = {}  # the base and final greedy answers, for answers.jsonl
 
-    def measure(round_: int, final: bool) -> dict[str, float]:
-        def due(interval: int) -> bool:
-            return final or round_ == 0 or (interval > 0 and round_ % interval == 0)
+def _measure(s: _Setup, round_: int, final: bool) -> dict[str, float]:
+    """The round's evaluation (what is due), of the method's product."""
+    ev, cfg = s.cfg.evaluation, s.cfg
 
-        want_loss, want_rouge = due(ev.loss_interval), due(ev.rouge_interval)
-        if not (want_loss or want_rouge) or not eval_records:
-            return {}
-        algorithm.load_global(model)
-        own = getattr(algorithm, "evaluate", None)  # FedPT scores its product, the proxy
-        if own is not None:
-            scores: dict[str, float] = own(
-                model, tokenizer, eval_records, max_new_tokens=ev.max_new_tokens,
-                batch_size=ev.batch_size, max_length=cfg.data.max_length, rouge=want_rouge,
-                loss=want_loss, template=template)
-            return scores
-        # a peft model (FedIT) generates and scores like the PreTrainedModel it wraps
-        kept: list[str] | None = [] if round_ == 0 or final else None
-        scores = evaluate(model, tokenizer, eval_records,  # type: ignore[arg-type]
-                          max_new_tokens=ev.max_new_tokens,
-                          batch_size=ev.batch_size, max_length=cfg.data.max_length,
-                          rouge=want_rouge, loss=want_loss, template=template,
-                          progress=progress, answers=kept)
-        if kept:
-            answers["final" if final else "base"] = kept
-            if not final:  # a resumed run needs the base answers after a restart
-                (run_dir / BASE_ANSWERS).write_text(json.dumps(kept))
-        return scores
+    def due(interval: int) -> bool:
+        return final or round_ == 0 or (interval > 0 and round_ % interval == 0)
 
-    # -- resume or start -------------------------------------------------------------------
+    want_loss, want_rouge = due(ev.loss_interval), due(ev.rouge_interval)
+    if not (want_loss or want_rouge) or not s.eval_records:
+        return {}
+    s.server.load_global(s.model)
+    if s.server.evaluate is not None:  # FedPT scores its product, the proxy
+        return s.server.evaluate(
+            s.model, s.tokenizer, s.eval_records, max_new_tokens=ev.max_new_tokens,
+            batch_size=ev.batch_size, max_length=cfg.data.max_length, rouge=want_rouge,
+            loss=want_loss, template=s.template)
+    # a peft model generates and scores like the PreTrainedModel it wraps
+    kept: list[str] | None = [] if round_ == 0 or final else None
+    scores = evaluate(s.model, s.tokenizer, s.eval_records,  # type: ignore[arg-type]
+                      max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                      max_length=cfg.data.max_length, rouge=want_rouge, loss=want_loss,
+                      template=s.template, progress=s.progress, answers=kept)
+    if kept:
+        s.answers["final" if final else "base"] = kept
+        if not final:  # a resumed run needs the base answers after a restart
+            (s.run_dir / BASE_ANSWERS).write_text(json.dumps(kept))
+    return scores
+
+
+def _start(s: _Setup, resume: bool) -> tuple[int, dict[str, Any], MetricsLog]:
+    """Resume from the last checkpoint or evaluate the base model: (first round, counters,
+    metrics log)."""
     start_round, counters = 1, {"cum_bytes_up": 0, "cum_bytes_down": 0, "wall_s": 0.0}
-    ckpt = load_checkpoint(run_dir) if resume else None
+    ckpt = load_checkpoint(s.run_dir) if resume else None
     if ckpt is not None:
         done, state, meta = ckpt
-        algorithm.load_state_dict(state)
+        s.server.load_state_dict(state)
         start_round = done + 1
         counters = {k: meta[k] for k in counters}
-        log.info("resuming %s after round %d", run_dir, done)
-    prior_wall = float(counters["wall_s"])  # elapsed time of the runs before a resume
-    metrics = MetricsLog(run_dir / "metrics.jsonl",
+        log.info("resuming %s after round %d", s.run_dir, done)
+    metrics = MetricsLog(s.run_dir / "metrics.jsonl",
                          keep_through_round=start_round - 1 if resume else None)
     if start_round == 1 and not any(r["round"] == 0 for r in metrics.rows):
         row0: dict[str, Any] = {"round": 0, "train_loss": None, "eval_loss": None,
                                 "rougeL": None, "bytes_up_per_client": 0,
                                 "bytes_down_per_client": 0, "cum_bytes_up": 0,
                                 "cum_bytes_down": 0, "cum_bytes": 0}
-        if ev.evaluate_base:
-            row0.update(measure(0, final=False))
-        row0.update(wall_s=0.0, peak_memory_mb=peak_memory_mb(device))
+        if s.cfg.evaluation.evaluate_base:
+            row0.update(_measure(s, 0, final=False))
+        row0.update(wall_s=0.0, peak_memory_mb=peak_memory_mb(s.device))
         metrics.append(row0)
+    return start_round, counters, metrics
 
-    # -- rounds ----------------------------------------------------------------------------
-    fed = cfg.federation
-    engine = make_engine(algorithm, model, clients, fed)
-    per_round = fed.clients_in_round(len(clients))
+
+def _round_row(s: _Setup, res: RoundResult, scores: dict[str, float],
+               counters: dict[str, Any]) -> dict[str, Any]:
+    row = {
+        "round": res.round, "clients": res.clients, "train_loss": res.train_loss,
+        "eval_loss": scores.get("eval_loss"), "rougeL": scores.get("rougeL"),
+        "bytes_up_per_client": sum(res.bytes_up) / max(1, len(res.bytes_up)),
+        "bytes_down_per_client": sum(res.bytes_down) / max(1, len(res.bytes_down)),
+        "bytes_up": sum(res.bytes_up), "bytes_down": sum(res.bytes_down),
+        "cum_bytes_up": counters["cum_bytes_up"], "cum_bytes_down": counters["cum_bytes_down"],
+        "cum_bytes": counters["cum_bytes_up"] + counters["cum_bytes_down"],
+        "accepted": len(res.losses), "rejected": res.rejected, "failed": res.failed,
+        "wall_s": res.wall_s, "peak_memory_mb": peak_memory_mb(s.device),
+    }
+    row.update({k: v for k, v in scores.items() if k.startswith("small_")})  # FedPT
+    return row
+
+
+def _rounds(s: _Setup, engine: Engine, start_round: int, last: int, counters: dict[str, Any],
+            metrics: MetricsLog, clock: Callable[[], float], threads: ThreadPolicy) -> int:
+    """Run rounds ``start_round..last``, a metrics row and a checkpoint after each; return the
+    last round run (``rounds`` when the method's stopping rule ended the run early)."""
+    fed = s.cfg.federation
+    per_round = fed.clients_in_round(len(s.clients))
     bar = tqdm(total=fed.rounds * per_round, initial=(start_round - 1) * per_round,
-               desc="clients trained", unit="client", disable=not progress, dynamic_ncols=True)
-    last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
-    for r in range(start_round, last + 1):
-        bar.set_description(f"round {r}/{fed.rounds}")
-        res = engine.run_round(r, on_client=lambda _cid: bar.update(1))
-        scores = measure(r, final=r == fed.rounds)
-        counters["cum_bytes_up"] += sum(res.bytes_up)
-        counters["cum_bytes_down"] += sum(res.bytes_down)
-        counters["wall_s"] = prior_wall + time.perf_counter() - t0
-        row = {
-            "round": r, "clients": res.clients, "train_loss": res.train_loss,
-            "eval_loss": scores.get("eval_loss"), "rougeL": scores.get("rougeL"),
-            "bytes_up_per_client": sum(res.bytes_up) / max(1, len(res.bytes_up)),
-            "bytes_down_per_client": sum(res.bytes_down) / max(1, len(res.bytes_down)),
-            "bytes_up": sum(res.bytes_up), "bytes_down": sum(res.bytes_down),
-            "cum_bytes_up": counters["cum_bytes_up"], "cum_bytes_down": counters["cum_bytes_down"],
-            "cum_bytes": counters["cum_bytes_up"] + counters["cum_bytes_down"],
-            "accepted": len(res.losses), "rejected": res.rejected, "failed": res.failed,
-            "wall_s": res.wall_s, "peak_memory_mb": peak_memory_mb(device),
-        }
-        row.update({k: v for k, v in scores.items() if k.startswith("small_")})  # FedPT
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}" if row["train_loss"] else "-")
-        metrics.append(row)
-        if cfg.output.checkpoint:
-            save_checkpoint(run_dir, r, algorithm.state_dict(), counters)
-        threads.update()  # after the checkpoint: nothing between a round's row and its checkpoint
-        if getattr(algorithm, "target_met", lambda _: False)(scores):  # FedPT's stopping rule
-            log.info("round %d: the target metric is reached; stopping", r)
-            last = fed.rounds
-            break
-    bar.close()
-    if last < fed.rounds:
-        log.info("stopped after round %d of %d (resume with --resume %s)", last, fed.rounds,
-                 run_dir)
-        return {"stopped_after": last, "run_dir": str(run_dir)}
+               desc="clients trained", unit="client", disable=not s.progress,
+               dynamic_ncols=True)
+    stop = s.server.target_met
+    try:
+        for r in range(start_round, last + 1):
+            bar.set_description(f"round {r}/{fed.rounds}")
+            res = engine.run_round(r, on_client=lambda _cid: bar.update(1))
+            scores = _measure(s, r, final=r == fed.rounds)
+            counters["cum_bytes_up"] += sum(res.bytes_up)
+            counters["cum_bytes_down"] += sum(res.bytes_down)
+            counters["wall_s"] = clock()
+            row = _round_row(s, res, scores, counters)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}" if row["train_loss"] else "-")
+            metrics.append(row)
+            if s.cfg.output.checkpoint:
+                save_checkpoint(s.run_dir, r, s.server.state_dict(), counters)
+            threads.update()  # after the checkpoint: nothing between a round's row and it
+            if stop is not None and stop(scores):  # FedPT's stopping rule
+                log.info("round %d: the target metric is reached; stopping", r)
+                return fed.rounds
+    finally:
+        bar.close()
+    return last
 
-    # -- result ----------------------------------------------------------------------------
-    counters["wall_s"] = prior_wall + time.perf_counter() - t0
-    model_dir = algorithm.export(model, tokenizer, run_dir) if cfg.output.save_model else None
+
+def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[str, Any]:
+    """Export, plots, summary.json, answers.jsonl and the printed report."""
+    cfg, run_dir = s.cfg, s.run_dir
+    model_dir = (s.server.export(s.model, s.tokenizer, run_dir) if cfg.output.save_model
+                 else None)
     plots = [str(p) for p in plot_run(metrics.rows, run_dir)] if cfg.output.plots else []
-    summary = build_summary(cfg, metrics.rows, len(clients), per_round, counters, run_dir,
-                            model_dir, plots, device)
+    per_round = cfg.federation.clients_in_round(len(s.clients))
+    summary = build_summary(cfg, metrics.rows, len(s.clients), per_round, counters, run_dir,
+                            model_dir, plots, s.device)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     changes = None
     base_file = run_dir / BASE_ANSWERS
-    if "final" in answers and base_file.is_file():
+    if "final" in s.answers and base_file.is_file():
         base = json.loads(base_file.read_text())
-        if len(base) == len(answers["final"]):
-            changes = answer_rows(eval_records, base, answers["final"])
+        if len(base) == len(s.answers["final"]):
+            changes = answer_rows(s.eval_records, base, s.answers["final"])
             with (run_dir / "answers.jsonl").open("w") as f:
                 for row in changes:
                     f.write(json.dumps(row) + "\n")
-    if progress:
+    if s.progress:
         print(rounds_table(metrics.rows))
         if changes:
             print(answers_text(changes))
         print(summary_text(summary))
     return summary
+
+
+def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None,
+         t0: float, make_engine: EngineFactory) -> dict[str, Any]:
+    if not resume:
+        save_config(cfg, run_dir / CONFIG_NAME)
+    torch.manual_seed(cfg.federation.seed)  # anything left on global RNG is seeded too
+    threads = ThreadPolicy(cfg.model.threads)
+    reset_peak_memory(resolve_device(cfg.model.device))  # this run's peak, not the process's
+    s = _setup(cfg, run_dir, progress)
+    try:
+        start_round, counters, metrics = _start(s, resume)
+        prior_wall = float(counters["wall_s"])  # elapsed time of the runs before a resume
+
+        def clock() -> float:
+            return prior_wall + time.perf_counter() - t0
+
+        fed = cfg.federation
+        engine = make_engine(s.server, s.device_half, s.model, s.clients, fed)
+        last = fed.rounds if stop_after is None else min(fed.rounds, stop_after)
+        last = _rounds(s, engine, start_round, last, counters, metrics, clock, threads)
+        if last < fed.rounds:
+            log.info("stopped after round %d of %d (resume with --resume %s)", last, fed.rounds,
+                     run_dir)
+            return {"stopped_after": last, "run_dir": str(run_dir)}
+        counters["wall_s"] = clock()
+        return _finish(s, metrics, counters)
+    finally:
+        s.server.close()
 
 
 def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, per_round: int,

@@ -1,29 +1,22 @@
-"""The methods, one folder each, and the registry the engines build them from."""
+"""The methods, one folder each, and :data:`METHODS`, the one registry of them.
+
+Adding a method: a folder with its halves and a ``method.py`` holding its :class:`Method` row
+(see ``fedprompt/`` for the smallest one), its config sub-table if it has knobs (a field of
+:class:`fedtune.algorithms.config.AlgorithmConfig`), and one line below. The config's choices,
+the README's method table, the engines, the runner and the Flower node all read this table.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from fedtune.algorithms.base import Device, DeviceEnv, Method, MethodContext, Server
+from fedtune.algorithms.fedavg.method import FEDAVG, FEDIT
+from fedtune.algorithms.fedkseed.method import FEDKSEED, FEDKSEED_PRO
+from fedtune.algorithms.fedmezo.method import FEDMEZO
+from fedtune.algorithms.fedprompt.method import FEDPROMPT, FEDPTUNING
+from fedtune.algorithms.fedpt.method import FEDPT
+from fedtune.algorithms.fedzo.method import FEDZO
 
-from fedtune.algorithms.base import Algorithm
-from fedtune.algorithms.config import AlgorithmConfig
+METHODS: dict[str, Method] = {m.name: m for m in (
+    FEDAVG, FEDIT, FEDKSEED, FEDKSEED_PRO, FEDMEZO, FEDZO, FEDPROMPT, FEDPTUNING, FEDPT)}
 
-
-def build_algorithm(cfg: AlgorithmConfig, pad_id: int, tokenizer: Any = None) -> Algorithm:
-    """The algorithm named by ``cfg.name`` (FedPT also needs the small model's tokenizer)."""
-    if cfg.name in ("fedavg", "fedit"):
-        from fedtune.algorithms.fedavg import FedAvg
-
-        return FedAvg(cfg, pad_id, lora=cfg.name == "fedit")
-    if cfg.name in ("fedkseed", "fedkseed-pro"):
-        from fedtune.algorithms.fedkseed.algorithm import FedKSeed
-
-        return FedKSeed(cfg, pad_id, pro=cfg.name == "fedkseed-pro")
-    if cfg.name == "fedmezo":
-        from fedtune.algorithms.fedmezo.algorithm import FedMeZO
-
-        return FedMeZO(cfg, pad_id)
-    if cfg.name == "fedpt":
-        from fedtune.algorithms.fedpt.algorithm import FedPT
-
-        return FedPT(cfg, pad_id, tokenizer)
-    raise ValueError(f"unknown algorithm {cfg.name!r}")
+__all__ = ["METHODS", "Device", "DeviceEnv", "Method", "MethodContext", "Server"]

@@ -1,21 +1,33 @@
-"""What the engines need from an algorithm: the contract every method folder implements.
+"""The method contract: a Server half, a Device half, and the registry row that builds them.
 
-An engine (in-process simulation, Flower) only moves bytes: it asks the server side for a
-client's download, hands it to the client side with the client's data, and folds the reply back
-in. The method decides what the bytes mean. One model lives in memory; the client side trains it
-in place and the server side keeps the global state apart from it.
+An engine (in-process simulation, Flower) only moves bytes: it asks the server half for a
+client's download, hands it to a device half with the client's data, and folds the reply back
+into the server half. The method decides what the bytes mean. In process one model lives in
+memory: the device half trains it in place, the server half keeps the global state apart from it
+and loads it into the model for evaluation and export.
+
+Optional capabilities are explicit members that are ``None`` when a method lacks them (never
+found by ``getattr``): delta downloads, its own evaluation, a stopping rule, and the two ways a
+server may fold steps of its own into the global state (FedPT's distillation).
+
+A method is a :class:`Method` row in :data:`fedtune.algorithms.METHODS`: its name, the config
+sub-tables it reads, how it prepares the base model, and its server and device factories.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from fedtune.data.prompts import TokenizedExample
+from fedtune.data.records import Record
+
+if TYPE_CHECKING:
+    from fedtune.algorithms.config import AlgorithmConfig
 
 
 @dataclass(frozen=True)
@@ -26,28 +38,101 @@ class ReplyInfo:
     train_loss: float
 
 
-class Algorithm(Protocol):
-    name: str
+@dataclass(frozen=True)
+class MethodContext:
+    """What both halves are built from: the algorithm config, the pad id, the tokenizer."""
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Wrap the base model as the method needs (e.g. add LoRA) and set the global state."""
+    cfg: AlgorithmConfig
+    pad_id: int
+    tokenizer: Any = None
+
+
+@dataclass(frozen=True)
+class DeviceEnv:
+    """Where a device half runs.
+
+    ``one_client``: a real device (a Flower node), one client per process: hold about inference
+    memory, no copies kept for the next client. ``w0_dir``: the base model's safetensors, which a
+    device may read instead of copying the weights. ``cache_dir``: a folder kept between rounds
+    (a node with ``federation.delta_downloads``). ``shared``: in process, the server half's
+    ``device_share`` (read-only state a simulated device may use instead of a copy of its own).
+    """
+
+    one_client: bool = False
+    w0_dir: Path | None = None
+    cache_dir: Path | None = None
+    shared: object | None = None
+
+
+class Evaluate(Protocol):
+    """A method's own evaluation (FedPT scores its product, the proxy-tuned large model)."""
+
+    def __call__(self, model: torch.nn.Module, tokenizer: Any, records: Sequence[Record], *,
+                 max_new_tokens: int, batch_size: int, max_length: int, rouge: bool,
+                 loss: bool, template: str = "auto") -> dict[str, float]: ...
+
+
+class SeedSteps(Protocol):
+    """A server whose global state is per-seed sums (FedKSeed): steps the server takes along
+    the pool's seeds are folded in as Σ g per seed index."""
+
+    @property
+    def pool(self) -> Sequence[int]: ...
+
+    @property
+    def lr(self) -> float: ...
+
+    @property
+    def eps(self) -> float: ...
+
+    def add_server_steps(self, sum_g: Mapping[int, float]) -> None: ...
+
+
+class Server(Protocol):
+    name: str
+    # -- optional capabilities (None when absent; read-only) ------------------------------
+    @property
+    def download_since(self) -> Callable[[int, int], bytes] | None:
+        """(round, since) -> the download for a device holding the global model of round
+        ``since``."""
+        ...
+
+    @property
+    def evaluate(self) -> Evaluate | None:
+        """Scores the run's product instead of the runner's standard evaluation of the model."""
+        ...
+
+    @property
+    def target_met(self) -> Callable[[dict[str, float]], bool] | None:
+        """A stopping rule over the round's scores."""
+        ...
+
+    @property
+    def seed_steps(self) -> SeedSteps | None:
+        """Server steps folded in as per-seed sums (FedKSeed)."""
+        ...
+
+    @property
+    def set_global(self) -> Callable[[torch.nn.Module], None] | None:
+        """Server steps folded in as weights: the model's trainable tensors become the global
+        state."""
+        ...
+
+    @property
+    def device_share(self) -> object | None:
+        """Read-only state simulated devices in the server's process may share (FedKSeed's w0
+        and round-model cache): passed to the device factory as ``DeviceEnv.shared``."""
         ...
 
     def download(self, round_: int, client_id: int) -> bytes:
-        """The server's message to ``client_id`` at the start of ``round_``."""
+        """The message to ``client_id`` at the start of ``round_`` (after ``begin_round``)."""
         ...
 
-    def client_round(self, model: torch.nn.Module, payload: bytes,
-                     examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
-        """On the device: decode the download, train locally in place, encode the reply."""
-        ...
-
-    def begin_round(self, round_: int) -> None:
-        """Start collecting replies for ``round_``."""
-        ...
+    def begin_round(self, round_: int) -> None: ...
 
     def accept(self, payload: bytes) -> ReplyInfo:
-        """Validate one reply and fold it into the round's aggregate (MessageError if bad)."""
+        """Validate one reply and fold it into the round's aggregate (MessageError if bad;
+        a rejected reply leaves the state unchanged)."""
         ...
 
     def end_round(self) -> None:
@@ -59,11 +144,42 @@ class Algorithm(Protocol):
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The server state a checkpoint must hold to resume."""
+        """The state a checkpoint must hold to resume."""
         ...
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
 
     def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
-        """Write the global model as a directory transformers loads as it is; return its path."""
+        """Write the global model as a directory transformers (or peft) loads; return it."""
         ...
+
+    def close(self) -> None:
+        """Release what the server holds outside the process (a spawned service)."""
+        ...
+
+
+class Device(Protocol):
+    def round(self, model: torch.nn.Module, payload: bytes,
+              examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
+        """Decode a download, train ``model`` in place on ``examples``, encode the reply."""
+        ...
+
+    def kept_round(self, round_: int) -> int:
+        """After ``round(…, round_, …)``: the round whose global model this device keeps for a
+        delta download (-1: none)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry row: everything an engine, the runner and a Flower node need of a method."""
+
+    name: str
+    summary: str  # one line for the README table and --help
+    sections: tuple[str, ...]  # the [algorithm.*] sub-tables it reads
+    prepare: Callable[[MethodContext, torch.nn.Module], torch.nn.Module]
+    """Make the base model the method's model (LoRA, prompt encoder, fp32): same on both sides."""
+    server: Callable[[MethodContext, torch.nn.Module], Server]
+    device: Callable[[MethodContext, torch.nn.Module, DeviceEnv], Device]
+    device_method: str = ""
+    """The registry name whose device half this method's devices run ('' = its own)."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedtune.algorithms import METHODS
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedmezo.config import FedMeZOConfig
+from fedtune.algorithms.fedprompt.config import PromptConfig
 from fedtune.algorithms.fedpt.config import FedPTConfig
+from fedtune.algorithms.fedzo.config import FedZOConfig
 from fedtune.configbase import check, check_choices, option, section
 
-ALGORITHMS = ("fedavg", "fedit", "fedkseed", "fedkseed-pro", "fedmezo", "fedpt")
+ALGORITHMS = tuple(METHODS)
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -39,16 +42,13 @@ class LoraConfig:
 class AlgorithmConfig:
     name: str = option(
         "fedkseed",
-        "Method: 'fedavg' (full-parameter FedAvg, backprop on devices) or 'fedit' (FedAvg over "
-        "LoRA adapters, Zhang et al. 2024), 'fedkseed' (zeroth-order full-parameter tuning over a "
-        "pool of K seeds, Qin et al. 2024), 'fedkseed-pro' (the same with importance-weighted "
-        "seed sampling) or 'fedmezo' (FedIT's LoRA FedAvg, adapters trained on the device by "
-        "MeZO zeroth-order steps with fresh seeds) or 'fedpt' (devices tune the small model "
-        "model.path, the server proxy-tunes a black-box large model with it and distils it "
-        "back, Gao et al. 2024). The fedkseed methods read "
-        "[algorithm.fedkseed], fedmezo reads [algorithm.fedmezo] and [algorithm.lora]; they "
-        "ignore the backprop settings below. fedpt reads [algorithm.fedpt] and its device "
-        "trainer's settings.",
+        "Method: " + "; ".join(
+            f"'{m.name}' ({m.summary}"
+            + (f"; reads {', '.join(f'[algorithm.{s}]' for s in m.sections)})" if m.sections
+               else ")")
+            for m in METHODS.values())
+        + ". The backprop settings below are read by fedavg, fedit, fedprompt and fedptuning; "
+        "fedpt reads its device trainer's settings too.",
         ALGORITHMS,
     )
     local_steps: int = option(20, "Optimizer steps each sampled client takes per round.")
@@ -65,6 +65,11 @@ class AlgorithmConfig:
     fedmezo: FedMeZOConfig = section(
         FedMeZOConfig, "FedMeZO settings: MeZO local training of the LoRA adapters (used by "
                        "'fedmezo').")
+    fedzo: FedZOConfig = section(
+        FedZOConfig, "FedZO settings: zeroth-order full-parameter steps with fresh seeds (used by "
+                     "'fedzo').")
+    prompt: PromptConfig = section(
+        PromptConfig, "Prompt-tuning settings (used by 'fedprompt', 'fedptuning').")
     fedpt: FedPTConfig = section(
         FedPTConfig, "FedPT settings: the large model, proxy-tuning and server distillation "
                      "(used by 'fedpt').")
@@ -80,4 +85,6 @@ class AlgorithmConfig:
         self.lora.validate(f"{prefix}.lora")
         self.fedkseed.validate(f"{prefix}.fedkseed")
         self.fedmezo.validate(f"{prefix}.fedmezo")
+        self.fedzo.validate(f"{prefix}.fedzo")
+        self.prompt.validate(f"{prefix}.prompt")
         self.fedpt.validate(f"{prefix}.fedpt")

@@ -1,12 +1,10 @@
-"""Config of the federation concern: rounds, client sampling, engine, waiting for devices."""
+"""Config of the federation concern: rounds, client sampling, waiting for devices."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from fedtune.configbase import check, check_choices, option
-
-ENGINES = ("inprocess",)
 
 
 @dataclass
@@ -22,12 +20,6 @@ class FederationConfig:
     )
     seed: int = option(
         0, "Seed of client sampling and of every client's local randomness (batches, dropout)."
-    )
-    engine: str = option(
-        "inprocess",
-        "Engine: 'inprocess' runs the whole federation in this process, clients one after "
-        "another on one shared model, every message encoded to bytes and decoded again.",
-        ENGINES,
     )
     min_replies: int = option(
         1,

@@ -1,6 +1,3 @@
-"""FedAvg (full parameters) and FedIT (LoRA): client.py (local loop), server.py (weighted mean),
-wire.py (messages), algorithm.py (the engine-facing glue)."""
-
-from fedtune.algorithms.fedavg.algorithm import FedAvg
-
-__all__ = ["FedAvg"]
+"""FedAvg (full parameters) and FedIT (LoRA): server.py (the weighted mean of the trainable
+tensors), device.py (local backprop; the tensor-sending device round the other tensor methods
+reuse), wire.py (messages), method.py (the registry rows)."""

@@ -1,33 +1,61 @@
-"""The server side of FedAvg / FedIT: the global trainable tensors and their weighted mean.
+"""The server half of the methods that send trainable tensors: FedAvg, FedIT, FedMeZO, FedZO,
+FedPrompt and FedPTuning.
 
-Global state: theta (all parameters for full FedAvg, the LoRA matrices for FedIT). Each round,
-theta <- sum_i (n_i / sum_k n_k) theta_i over the replies that passed validation
-(:class:`fedtune.algorithms.aggregate.WeightedMean`, folded in as they arrive). A round with no
+Global state: theta (all parameters for full FedAvg, the LoRA matrices for FedIT, the virtual
+tokens' parameters for the prompt methods). Each round, over the replies that passed validation,
+
+    theta <- sum_i (n_i / sum_k n_k) theta_i          (replies carry trained tensors)
+    theta <- theta + sum_i (n_i / sum_k n_k) d_i      (``delta``: replies carry differences, FedZO)
+
+folded in as they arrive (:class:`fedtune.algorithms.aggregate.WeightedMean`). A round with no
 valid reply keeps theta unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from fedtune.algorithms.aggregate import WeightedMean
-from fedtune.algorithms.base import ReplyInfo
+from fedtune.algorithms.base import Evaluate, ReplyInfo, SeedSteps
 from fedtune.algorithms.fedavg.wire import Download, Reply
+from fedtune.algorithms.params import load_into, trainable
 from fedtune.wire import TensorSpec
 
 log = logging.getLogger(__name__)
+Export = Literal["model", "lora", "adapter"]
 
 
 class FedAvgServer:
-    def __init__(self, initial: dict[str, torch.Tensor]) -> None:
-        self.theta = {k: v.detach().to("cpu").clone() for k, v in initial.items()}
+    """See :class:`fedtune.algorithms.base.Server`.
+
+    ``export``: 'model' saves the whole model; 'lora' the adapter (``adapter/``) and the merged
+    model (``model/``); 'adapter' only the peft adapter (``adapter/``, the prompt methods, whose
+    virtual tokens cannot be merged into the weights).
+    """
+
+    download_since: Callable[[int, int], bytes] | None = None
+    evaluate: Evaluate | None = None
+    target_met: Callable[[dict[str, float]], bool] | None = None
+    seed_steps: SeedSteps | None = None
+    device_share: object | None = None
+
+    def __init__(self, name: str, model: torch.nn.Module, *, export: Export = "model",
+                 delta: bool = False) -> None:
+        self.name = name
+        self.theta = {k: v.detach().to("cpu").clone() for k, v in trainable(model).items()}
         self.spec = TensorSpec.of(self.theta)
+        self.export_kind: Export = export
+        self.delta = delta
         self.round = 0
         self._agg: WeightedMean | None = None
+        self.set_global = self._set_global
 
-    def download(self, round_: int) -> bytes:
+    def download(self, round_: int, client_id: int) -> bytes:
         return Download(round_, self.theta).encode()
 
     def begin_round(self, round_: int) -> None:
@@ -47,6 +75,41 @@ class FedAvgServer:
             raise RuntimeError("end_round() called outside a round")
         if self._agg.count == 0:
             log.warning("round %d: no valid reply, the global model stays as it was", self.round)
+        elif self.delta:
+            mean = self._agg.result()
+            self.theta = {k: (v.double() + mean[k].double()).to(v.dtype)
+                          for k, v in self.theta.items()}
         else:
             self.theta = self._agg.result()
         self._agg = None
+
+    def _set_global(self, model: torch.nn.Module) -> None:
+        self.theta = {n: p.detach().to("cpu").clone() for n, p in trainable(model).items()}
+
+    def load_global(self, model: torch.nn.Module) -> None:
+        load_into(trainable(model), self.theta)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.theta)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.theta):
+            raise ValueError("checkpoint tensors do not match this model's trainable parameters")
+        self.theta = {k: v.clone() for k, v in state.items()}
+
+    def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+        self.load_global(model)
+        if self.export_kind != "model":
+            adapter_dir = out_dir / "adapter"
+            model.save_pretrained(adapter_dir)  # type: ignore[operator]
+            tokenizer.save_pretrained(adapter_dir)
+            if self.export_kind == "adapter":
+                return adapter_dir
+            model = model.merge_and_unload()  # type: ignore[operator]
+        model_dir = out_dir / "model"
+        model.save_pretrained(model_dir)  # type: ignore[operator]
+        tokenizer.save_pretrained(model_dir)
+        return model_dir
+
+    def close(self) -> None:
+        pass

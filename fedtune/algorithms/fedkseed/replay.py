@@ -10,19 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from fedtune.seeds import seed_pool
 from fedtune.zo.perturb import replay_
 
-
-def seed_pool(run_seed: int, k_seeds: int) -> list[int]:
-    """K distinct 63-bit seeds, a pure function of (run_seed, K)."""
-    state = np.random.SeedSequence([run_seed, k_seeds]).generate_state(k_seeds, np.uint64)
-    seeds = [int(s) >> 1 for s in state]
-    if len(set(seeds)) != k_seeds:  # 63-bit collisions: astronomically unlikely, never silent
-        raise ValueError(f"seed pool of run seed {run_seed} has a duplicate; pick another seed")
-    return seeds
+__all__ = ["FileWeights", "RoundModel", "catch_up_", "rebuild_", "replay_coefficients",
+           "seed_pool"]
 
 
 def replay_coefficients(pool: Sequence[int], accumulators: torch.Tensor, lr: float
@@ -95,3 +89,35 @@ class FileWeights(Sequence[torch.Tensor]):
     def __iter__(self) -> Iterator[torch.Tensor]:
         for name in self.names:
             yield self._load(name)
+
+
+class RoundModel:
+    """w0 and the model it defines with given accumulators, rebuilt at most once per distinct A.
+
+    The rebuild is deterministic, so in process (many simulated devices and the server in one
+    process) it is done once per distinct A and a copy restored for every later client: bit for
+    bit the model each device would rebuild itself, at the cost of one more float32 copy of the
+    trainable parameters instead of one K-seed replay per client. ``cache=False`` (a real device,
+    one client per process) keeps no copy. The server half owns one; a simulated device in the
+    same process shares it (:class:`fedtune.algorithms.base.DeviceEnv` ``colocated``).
+    """
+
+    def __init__(self, w0: Sequence[torch.Tensor], pool: Sequence[int], lr: float,
+                 cache: bool = True) -> None:
+        self.w0, self.pool, self.lr, self.cache = w0, pool, lr, cache
+        self._cached: list[torch.Tensor] = []
+        self._cached_acc: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def set_(self, params: Sequence[torch.Tensor], acc: torch.Tensor) -> None:
+        """Set ``params`` to w0 − lr · Σ_j A_j z(s_j) for ``acc`` = A."""
+        if not self.cache:
+            rebuild_(params, self.w0, self.pool, acc, self.lr)
+            return
+        if self._cached_acc is None or not torch.equal(self._cached_acc, acc):
+            rebuild_(params, self.w0, self.pool, acc, self.lr)
+            self._cached = [p.detach().clone() for p in params]
+            self._cached_acc = acc.clone()
+            return
+        for p, cached in zip(params, self._cached, strict=True):
+            p.copy_(cached)

@@ -10,28 +10,56 @@ The increment is accumulated in float64 and A is rounded to float32 once per rou
 float32 A is what travels and what defines the model. FedKSeed-Pro also folds every reply's
 (Σ g, Σ|clip g|, count) into per-seed statistics (:mod:`.pro`) and recomputes the seed
 probabilities once per round, in ``begin_round``. A round with no valid reply changes nothing.
+
+The server half also holds w0 (a float32 copy of the trainable parameters, to evaluate and
+export the global model w0 − lr · Σ_j A_j z(s_j)); a real server needs only the K numbers plus w0
+on disk. Master weights are float32: the method's ``prepare`` upcasts a half-precision model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fedtune.algorithms.base import ReplyInfo
+from fedtune.algorithms.base import Evaluate, ReplyInfo
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedkseed.pro import initial_stats, seed_probabilities
+from fedtune.algorithms.fedkseed.replay import RoundModel, seed_pool
 from fedtune.algorithms.fedkseed.wire import Download, Reply
+from fedtune.algorithms.params import trainable
+from fedtune.zo.perturb import GENERATOR_VERSION
 
 log = logging.getLogger(__name__)
+SEED_LOG = "fedkseed_seeds.json"
 
 
 class FedKSeedServer:
-    def __init__(self, cfg: FedKSeedConfig, pro: bool) -> None:
+    """See :class:`fedtune.algorithms.base.Server`; also its own :class:`SeedSteps`."""
+
+    evaluate: Evaluate | None = None
+    target_met: Callable[[dict[str, float]], bool] | None = None
+    set_global: Callable[[torch.nn.Module], None] | None = None
+
+    def __init__(self, cfg: FedKSeedConfig, pro: bool, model: torch.nn.Module | None = None
+                 ) -> None:
         self.cfg = cfg
         self.pro = pro
+        self.name = "fedkseed-pro" if pro else "fedkseed"
+        self.pool = seed_pool(cfg.seed, cfg.k_seeds)
+        self.lr, self.eps = cfg.lr, cfg.zo_eps
+        self.download_since = self._download_since
+        self.seed_steps = self
+        params = trainable(model) if model is not None else {}
+        self.param_names = list(params)
+        self.round_model = RoundModel([p.detach().clone() for p in params.values()], self.pool,
+                                      cfg.lr)
+        self.device_share = self.round_model
         k = cfg.k_seeds
         self.accumulators = torch.zeros(k, dtype=torch.float32)
         self.sum_g, self.sum_abs_clip, self.count = initial_stats(k)
@@ -63,7 +91,11 @@ class FedKSeedServer:
         # the same bytes go to every client of the round: encode once
         self._download = Download(round_, self.accumulators.clone(), self._probs).encode()
 
-    def download(self, round_: int, since: int = 0) -> bytes:
+    def download(self, round_: int, client_id: int = 0) -> bytes:
+        """The round's download: A itself (the same bytes for every client)."""
+        return self._download_since(round_, 0)
+
+    def _download_since(self, round_: int, since: int) -> bytes:
         """The round's download for a device holding the model of round ``since`` (0: w0 only).
 
         Carries A itself for ``since = 0``, else ΔA = A − A_since (sparse when that is smaller).
@@ -122,14 +154,45 @@ class FedKSeedServer:
         self.accumulators = torch.from_numpy(a).to(torch.float32)
         self.history[self.round] = self.accumulators.clone()
 
+    # -- the global model ---------------------------------------------------------------------
+    def load_global(self, model: torch.nn.Module) -> None:
+        self.round_model.set_(list(trainable(model).values()), self.accumulators)
+
+    def seed_log(self) -> dict[str, Any]:
+        """Everything needed to rebuild the global model from w0 (float32 A as exact floats)."""
+        return {"algorithm": self.name, "generator_version": GENERATOR_VERSION,
+                "k_seeds": self.cfg.k_seeds, "lr": self.cfg.lr, "zo_eps": self.cfg.zo_eps,
+                "run_seed": self.cfg.seed, "seed_pool": self.pool,
+                "accumulators": [float(a) for a in self.accumulators.tolist()],
+                "param_names": self.param_names,
+                "formula": "w = w0 - lr * sum_j accumulators[j] * z(seed_pool[j]), "
+                           "z from fedtune.zo.perturb"}
+
+    def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
+        """Save the global model (save_pretrained) and the seed log next to it."""
+        self.load_global(model)
+        model_dir = out_dir / "model"
+        model.save_pretrained(model_dir)  # type: ignore[operator]
+        tokenizer.save_pretrained(model_dir)
+        (out_dir / SEED_LOG).write_text(json.dumps(self.seed_log()))
+        return model_dir
+
+    def close(self) -> None:
+        pass
+
     # -- checkpoint ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"accumulators": self.accumulators.clone(),
                 "pro_sum_g": torch.from_numpy(self.sum_g.copy()),
                 "pro_sum_abs_clip": torch.from_numpy(self.sum_abs_clip.copy()),
-                "pro_count": torch.from_numpy(self.count.copy())}
+                "pro_count": torch.from_numpy(self.count.copy()),
+                "seed_pool": torch.tensor(self.pool, dtype=torch.int64)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        pool = state.get("seed_pool")
+        if pool is None or pool.tolist() != self.pool:
+            raise ValueError("checkpoint seed pool differs from this config's "
+                             "(algorithm.fedkseed.seed / k_seeds changed?)")
         k = self.cfg.k_seeds
         for name in ("accumulators", "pro_sum_g", "pro_sum_abs_clip", "pro_count"):
             if name not in state or tuple(state[name].shape) != (k,):

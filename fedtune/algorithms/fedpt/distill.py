@@ -15,15 +15,14 @@ is the aggregated one, not the student being trained.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from fedtune.algorithms.fedkseed.client import draw_seed_indices
+from fedtune.algorithms.fedkseed.device import draw_seed_indices
 from fedtune.algorithms.fedpt.proxy import ProxyModel, fit_prompts, proxy_decode
+from fedtune.algorithms.local import backprop_step, run_steps
 from fedtune.zo.step import zo_step_on
 
 LOSSES = ("kl", "reverse-kl", "ce")
@@ -98,18 +97,6 @@ def _student_logits(model: torch.nn.Module, batch: Sequence[Target], pad_id: int
     return student, teacher
 
 
-def _batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless full batches of indices into ``n`` targets: a seeded reshuffle whenever fewer
-    than ``batch_size`` are left, the leftovers carried into the next epoch's batch."""
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
-    while True:
-        if len(order) < batch_size:
-            order += rng.permutation(n).tolist()
-        idx, order = order[:batch_size], order[batch_size:]
-        yield idx
-
-
 @torch.no_grad()
 def mean_kl(model: torch.nn.Module, targets: Sequence[Target], *, temperature: float,
             pad_id: int, vocab_size: int, batch_size: int = 8, loss: str = "kl") -> float:
@@ -132,33 +119,19 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
             loss: str = "kl") -> float:
     """Train ``params`` of the student ``model`` in place on ``targets``; return the mean loss.
 
-    AdamW, fresh each call; batches are a seeded reshuffle every epoch; dropout (LoRA) is seeded
-    too, so a round's distillation is reproducible (resume gives the same model).
+    AdamW, fresh each call, gradients clipped to norm 1, through the one local loop
+    (:func:`fedtune.algorithms.local.run_steps`: seeded batches and dropout, so a round's
+    distillation is reproducible and a resume gives the same model).
     """
-    if not targets:
-        raise ValueError("no distillation target (every teacher continuation was empty)")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    batches = _batches(len(targets), batch_size, seed)
-    losses: list[float] = []
-    was_training = model.training
-    model.train()
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for _ in range(steps):
-            s, t = _student_logits(model, [targets[i] for i in next(batches)], pad_id,
-                                   vocab_size)
-            value = kl_to_teacher(t, s, temperature, loss)
-            if not math.isfinite(value.item()):
-                opt.zero_grad(set_to_none=True)
-                continue
-            value.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(value.item())
-    model.train(was_training)
-    return float(np.mean(losses)) if losses else float("nan")
+
+    def loss_fn(batch: list[Target]) -> torch.Tensor:
+        s, t = _student_logits(model, batch, pad_id, vocab_size)
+        return kl_to_teacher(t, s, temperature, loss)
+
+    return run_steps(model, targets, steps=steps, batch_size=batch_size, seed=seed,
+                     collate=list, step=backprop_step(params, opt, 1.0, loss_fn),
+                     train_mode=True, what="distillation").loss
 
 
 def distill_zo(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Sequence[int],
@@ -173,23 +146,21 @@ def distill_zo(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Seq
     then includes the distillation, so FedKSeed devices still download only K scalars. ``lr``
     and ``eps`` must be FedKSeed's (the replay scales A by its lr).
     """
-    if not targets:
-        raise ValueError("no distillation target (every teacher continuation was empty)")
-    batches = _batches(len(targets), batch_size, seed)
+    indices = draw_seed_indices(len(pool), steps, seed)
     sums: dict[int, float] = {}
-    losses: list[float] = []
-    was_training = model.training
-    model.eval()  # both points must see the same function
 
-    for j in draw_seed_indices(len(pool), steps, seed):
-        batch = [targets[i] for i in next(batches)]
-
-        def objective(batch: Sequence[Target] = batch) -> float:
+    def step(i: int, batch: list[Target]) -> float | None:
+        def objective() -> float:
             s, t = _student_logits(model, batch, pad_id, vocab_size)
             return float(kl_to_teacher(t, s, temperature, loss))
 
-        g = zo_step_on(objective, params, pool[j], eps, lr, losses)
-        if g is not None:
-            sums[j] = sums.get(j, 0.0) + g
-    model.train(was_training)
-    return sums, float(np.mean(losses)) if losses else float("nan")
+        losses: list[float] = []
+        g = zo_step_on(objective, params, pool[indices[i]], eps, lr, losses)
+        if g is None:
+            return None
+        sums[indices[i]] = sums.get(indices[i], 0.0) + g
+        return losses[0]
+
+    res = run_steps(model, targets, steps=steps, batch_size=batch_size, seed=seed, collate=list,
+                    step=step, train_mode=False, what="ZO distillation")
+    return sums, res.loss

@@ -3,7 +3,7 @@
 Layout:
 
 * :mod:`.node`: what a SuperNode does with one round's message, without Flower: rebuild its data
-  partition and model from the run config and its node config, call ``algorithm.client_round``.
+  partition and model from the run config and its node config, call the method's device half.
 * :mod:`.messages`: the one place that knows the Flower record layout of a message.
 * :mod:`.engine`: :class:`FlowerEngine`, the in-process engine's contract over a Flower ``Grid``.
 * :mod:`.server_app` / :mod:`.client_app`: the entry points (read the context, decode, call,

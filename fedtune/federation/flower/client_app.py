@@ -2,7 +2,7 @@
 
 The node's settings come from its node config (:class:`fedtune.federation.flower.node.
 NodeSettings`); the work is :func:`fedtune.federation.flower.node.node_round`, the same
-``algorithm.client_round`` call the in-process engine makes. An exception becomes a Flower error
+device-half call the in-process engine makes. An exception becomes a Flower error
 reply, which the server counts as a failed client.
 """
 

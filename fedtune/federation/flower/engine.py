@@ -2,29 +2,28 @@
 
 Per round, exactly as :class:`fedtune.federation.simulation.InProcessEngine`: sample the client
 ids (seeded by round), ``begin_round``, one download per sampled client; then, instead of calling
-``client_round`` in process, each download goes to the SuperNode whose ``partition-id`` is that
+the device half in process, each download goes to the SuperNode whose ``partition-id`` is that
 client id, together with the client's seed and the run config. The replies that arrive within
-``federation.reply_timeout_s`` are fed to ``algorithm.accept`` **sorted by client id** (the order
-the in-process engine accepts them in), so the same config gives the same global model. A reply
-that fails validation is logged and dropped before it touches the aggregate; a node that raises,
-is offline or stays silent counts as failed. With fewer than ``federation.min_replies`` replies
-the round raises :class:`RoundFailed` before ``end_round``: the run stops after its last
-checkpointed round and resumes from there.
+``federation.reply_timeout_s`` are fed to the server half's ``accept`` **sorted by client id**
+(the order the in-process engine accepts them in), so the same config gives the same global
+model. A reply that fails validation is logged and dropped before it touches the aggregate; a
+node that raises, is offline or stays silent counts as failed. With fewer than
+``federation.min_replies`` replies the round raises :class:`RoundFailed` before ``end_round``:
+the run stops after its last checkpointed round and resumes from there.
 
 Which node plays which client: nodes answer a query message with their ``partition-id``; the
 directory asks every node it has not seen yet at the start of each round, so a SuperNode that
 restarts (with a new node id) is found again and simply gets the next round's full download.
 
 With ``federation.delta_downloads`` (FedKSeed) a node reports which round's global model it keeps;
-its next download is ``algorithm.download_since(round, that round)``, the change since then, and
-the node catches up by replay however many rounds it missed. Only what a reply reported is
+its next download is the server half's ``download_since(round, that round)``, the change since
+then, and the node catches up by replay however many rounds it missed. Only what a reply reported is
 trusted: after a node's error reply or a server restart its next download is full (a node that
 stayed silent keeps its previous cached model as well, so the change since that still applies).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -32,11 +31,12 @@ from collections.abc import Callable, Iterable
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from fedtune.algorithms.base import Algorithm
+from fedtune.algorithms.base import Server
 from fedtune.federation.config import FederationConfig
+from fedtune.federation.engine import RoundResult
 from fedtune.federation.flower import messages as wire
-from fedtune.federation.sampling import client_seed, sample_clients
-from fedtune.federation.simulation import RoundResult
+from fedtune.federation.flower.node import config_sha256
+from fedtune.seeds import client_seed, sample_clients
 from fedtune.wire import MessageError
 
 log = logging.getLogger(__name__)
@@ -121,20 +121,19 @@ class NodeDirectory:
 class FlowerEngine:
     """``run_round`` of :class:`InProcessEngine` with the clients on SuperNodes of ``grid``."""
 
-    def __init__(self, grid: Grid, algorithm: Algorithm, num_clients: int,
+    def __init__(self, grid: Grid, server: Server, num_clients: int,
                  cfg: FederationConfig, config_text: str) -> None:
         self.grid = grid
-        self.algorithm = algorithm
+        self.server = server
         self.num_clients = num_clients
         self.cfg = cfg
         self.config_text = config_text
-        self.config_sha256 = hashlib.sha256(config_text.encode()).hexdigest()
+        self.config_sha256 = config_sha256(config_text)
         self.configured: set[int] = set()  # node ids that keep the config (answered a task)
         self.directory = NodeDirectory(grid, min(cfg.reply_timeout_s, 120.0))
         # delta downloads (FedKSeed): client id -> round whose global model its node keeps
-        download_since = getattr(algorithm, "download_since", None)
         self.download_since: Callable[[int, int], bytes] | None = (
-            download_since if cfg.delta_downloads else None)
+            server.download_since if cfg.delta_downloads else None)
         self.holds: dict[int, int] = {}
 
     def wait_for_nodes(self) -> None:
@@ -144,7 +143,7 @@ class FlowerEngine:
     def run_round(self, round_: int,
                   on_client: Callable[[int], None] | None = None) -> RoundResult:
         start = time.perf_counter()
-        cfg, alg = self.cfg, self.algorithm
+        cfg, alg = self.cfg, self.server
         k = cfg.clients_in_round(self.num_clients)
         ids = sample_clients(self.num_clients, k, cfg.seed, round_)
         res = RoundResult(round_, ids)

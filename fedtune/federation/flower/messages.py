@@ -9,7 +9,7 @@ A train task (server -> node, ``MessageType.TRAIN``)::
 its reply (node -> server)::
 
     "fedtune": ConfigRecord {"round": int, "client-id": int, "holds": int}
-    "payload": ArrayRecord  {"bytes": uint8 array}     -- algorithm.client_round(...)
+    "payload": ArrayRecord  {"bytes": uint8 array}     -- the device half's round(...)
 
 (``holds``: the round whose global model the node keeps in its cache for a ΔA download, or -1)
 

@@ -20,7 +20,7 @@ reply bytes. Everything else comes from the node itself, through its Flower node
 
 Because a deployed ClientApp runs in a fresh process per message, what is worth keeping between
 rounds lives on disk under ``cache-dir``: the built tiny base model and, for FedKSeed, the model
-the node last trained from (see :mod:`fedtune.federation.flower.fedkseed_cache`).
+the node last trained from (the device half's cache, :class:`fedtune.algorithms.base.DeviceEnv`).
 """
 
 from __future__ import annotations
@@ -127,8 +127,7 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
     """
     import torch
 
-    from fedtune.algorithms import build_algorithm
-    from fedtune.algorithms.fedkseed.algorithm import FedKSeed
+    from fedtune.algorithms import METHODS, DeviceEnv, MethodContext
     from fedtune.cpu import ThreadPolicy
     from fedtune.data.pipeline import all_texts, build_federated_data, load_records
     from fedtune.data.prompts import tokenize_records
@@ -175,22 +174,17 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
                                 template=cfg.data.template)
     if not examples:
         raise ValueError(f"client {client_id} has no trainable example after tokenisation")
-    alg_cfg = cfg.algorithm
-    if alg_cfg.name == "fedpt":  # a FedPT device is its device trainer; the large model and
-        # the distillation stay on the server
-        alg_cfg = replace(alg_cfg, name=alg_cfg.fedpt.device_trainer)
-    algorithm = build_algorithm(alg_cfg, int(tokenizer.pad_token_id), tokenizer=tokenizer)
-    if isinstance(algorithm, FedKSeed):  # one client per process: about inference memory
-        algorithm.cache_round_model = False
-        source = Path(resolve_model_source(model_path, cfg.model.cache_dir or None))
-        # (float32 only: a model loaded in a lower precision and upcast is not the file's w0)
-        if cfg.model.dtype == "float32" and source.is_dir() and any(source.glob("*.safetensors")):
-            algorithm.w0_dir = source  # w0 read from the files, not a second copy in memory
-    prepared = algorithm.prepare(model)
-    holds = -1
-    if cfg.federation.delta_downloads and isinstance(algorithm, FedKSeed):
-        algorithm.device_cache = cache
-        holds = round_ - 1
+    method = METHODS[cfg.algorithm.name]  # FedPT's devices are its device trainer's
+    ctx = MethodContext(cfg.algorithm, int(tokenizer.pad_token_id), tokenizer)
+    prepared = method.prepare(ctx, model)
+    # one client per process: about inference memory. w0 may be read from the model's files
+    # (float32 only: a model loaded in a lower precision and upcast is not the file's w0)
+    source = Path(resolve_model_source(model_path, cfg.model.cache_dir or None))
+    w0_dir = (source if cfg.model.dtype == "float32" and source.is_dir()
+              and any(source.glob("*.safetensors")) else None)
+    env = DeviceEnv(one_client=True, w0_dir=w0_dir,
+                    cache_dir=cache if cfg.federation.delta_downloads else None)
+    device = method.device(ctx, prepared, env)
     log.info("node of partition %d: round %d, %d examples, model %s", client_id, round_,
              len(examples), model_path)
-    return algorithm.client_round(prepared, payload, examples, round_, seed), holds
+    return device.round(prepared, payload, examples, round_, seed), device.kept_round(round_)

@@ -22,7 +22,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune import runner
-from fedtune.algorithms.base import Algorithm
+from fedtune.algorithms.base import Device, Server
 from fedtune.config import load_config
 from fedtune.federation.config import FederationConfig
 from fedtune.federation.flower.engine import FlowerEngine
@@ -60,11 +60,11 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     if not resuming and (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} holds a run without a checkpoint to resume from")
 
-    def make_engine(algorithm: Algorithm, model: torch.nn.Module, clients: Any,
+    def make_engine(server: Server, device: Device, model: torch.nn.Module, clients: Any,
                     fed: FederationConfig) -> FlowerEngine:
         # what the nodes get: the config exactly as saved in the run directory
         saved = (run_dir / runner.CONFIG_NAME).read_text()
-        engine = FlowerEngine(grid, algorithm, len(clients), fed, saved)
+        engine = FlowerEngine(grid, server, len(clients), fed, saved)
         engine.wait_for_nodes()
         return engine
 

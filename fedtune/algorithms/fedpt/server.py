@@ -1,5 +1,5 @@
-"""FedPT (Gao et al., arXiv 2410.00362), engine-facing glue: a device trainer plus the server's
-proxy-tuning and distillation.
+"""FedPT (Gao et al., arXiv 2410.00362), the server half: the device trainer's server, wrapped
+with proxy-tuning and distillation.
 
 Each round: (1) the server broadcasts the small model, (2) devices tune it (the wrapped device
 trainer: FedIT's LoRA by default, full FedAvg, or FedKSeed's zeroth-order steps), (3) the server
@@ -10,7 +10,7 @@ becomes the next round's global small model. The messages, their bytes and the d
 exactly the device trainer's: FedPT changes only what the server does between rounds.
 
 The run's product, and what every evaluation scores, is the proxy-tuned large model
-(:meth:`FedPT.evaluate`, :mod:`.product`). With FedKSeed devices, step (5) must reach devices
+(:meth:`FedPTServer.evaluate`, :mod:`.product`). With FedKSeed devices, step (5) must reach devices
 that rebuild the model from w0 and K per-seed accumulators: a gradient step cannot be written
 that way (and shipping the distilled weights would cost the full model per device, which is what
 FedKSeed devices avoid), so the server distils by zeroth-order steps along the pool's own seeds
@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import atexit
 import copy
-import dataclasses
 import json
 import logging
-import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedtune.algorithms.base import Algorithm, ReplyInfo
-from fedtune.algorithms.config import AlgorithmConfig
-from fedtune.algorithms.fedkseed.algorithm import FedKSeed
+from fedtune import seeds
+from fedtune.algorithms.base import Evaluate, ReplyInfo, SeedSteps, Server
+from fedtune.algorithms.fedpt.config import FedPTConfig
 from fedtune.algorithms.fedpt.distill import distill, distill_zo, mean_kl, teacher_targets
 from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
 from fedtune.algorithms.fedpt.product import save_manifest
 from fedtune.algorithms.fedpt.proxy import ProxyModel
-from fedtune.data.prompts import TokenizedExample, end_of_turn_id, prompt_ids
+from fedtune.data.prompts import end_of_turn_id, prompt_ids
 from fedtune.data.records import Record
 from fedtune.logits import LocalLogits, LogitsSource, RemoteLogits
 from fedtune.logits.service import ServiceProcess, spawn_service
@@ -73,49 +71,55 @@ def distill_records(cfg: Any) -> list[Record]:
             for r in generate_family(name, per_family, cfg.distill_seed)]
 
 
-class FedPT:
-    """The engine-facing algorithm (see :class:`fedtune.algorithms.base.Algorithm`)."""
+class FedPTServer:
+    """See :class:`fedtune.algorithms.base.Server`. ``inner`` is the device trainer's server
+    half; ``model`` the one small model the server distils into (in process: the shared one)."""
 
-    def __init__(self, cfg: AlgorithmConfig, pad_id: int, tokenizer: Any) -> None:
-        from fedtune.algorithms import build_algorithm
+    seed_steps: SeedSteps | None = None
+    set_global: Callable[[torch.nn.Module], None] | None = None
 
+    def __init__(self, cfg: FedPTConfig, inner: Server, model: torch.nn.Module, pad_id: int,
+                 tokenizer: Any) -> None:
         if tokenizer is None:
             raise ValueError("FedPT needs the small model's tokenizer")
-        self.cfg = cfg.fedpt
-        self.inner: Algorithm = build_algorithm(
-            dataclasses.replace(cfg, name=self.cfg.device_trainer), pad_id)
+        self.cfg = cfg
+        self.inner = inner
         self.name = "fedpt"
         self.pad_id = pad_id
         self.tokenizer = tokenizer
-        self.model: torch.nn.Module | None = None
-        self.anti_expert: torch.nn.Module | None = None
+        self.model = model
+        # s_base: the prepared model before any round (LoRA's B = 0: the base model's function)
+        self.anti_expert = self._snapshot(model)
         self.large: LogitsSource | None = None
         self.service: ServiceProcess | None = None
         self.round = 0
         self.history: list[dict[str, Any]] = []
         self._pool: list[Record] | None = None
-
-    # -- set-up -----------------------------------------------------------------------------
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        base = copy.deepcopy(model).eval()  # s_base: the original pre-trained small model
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.anti_expert = base
-        self.model = self.inner.prepare(model)
+        # the server's ΔA is the device trainer's (FedKSeed devices; the distillation is in A)
+        self.download_since: Callable[[int, int], bytes] | None = inner.download_since
+        self.device_share = inner.device_share
+        self.evaluate: Evaluate | None = self._evaluate
+        self.target_met: Callable[[dict[str, float]], bool] | None = self._target_met
         self.large = self._connect()
         try:
             self.proxy()  # refuses a large model that does not share the small one's tokenizer
         except Exception:
             self.close()
             raise
-        return self.model
+
+    @staticmethod
+    def _snapshot(model: torch.nn.Module) -> torch.nn.Module:
+        frozen = copy.deepcopy(model).eval()
+        for p in frozen.parameters():
+            p.requires_grad_(False)
+        return frozen
 
     def _connect(self) -> LogitsSource:
         c = self.cfg
         if c.large_access == "url":
             log.info("FedPT: large model behind %s", c.large_url)
             return RemoteLogits(c.large_url)
-        device = next(self._model().parameters()).device
+        device = next(self.model.parameters()).device
         if c.large_access == "spawn":
             self.service = spawn_service(c.large_model, device=device.type)
             atexit.register(self.close)
@@ -134,36 +138,23 @@ class FedPT:
             log.info("FedPT: stopped the logits service (pid %d)", self.service.process.pid)
             self.service = None
 
-    def _model(self) -> torch.nn.Module:
-        if self.model is None:
-            raise RuntimeError("prepare() must run first")
-        return self.model
-
     def proxy(self, tuned: torch.nn.Module | None = None) -> ProxyModel:
         """The proxy-tuned large model with ``tuned`` (default: the device model) as expert."""
-        if self.large is None or self.anti_expert is None:
-            raise RuntimeError("prepare() must run first")
+        if self.large is None:
+            raise RuntimeError("the large model is not connected")
         tok = self.tokenizer
-        return ProxyModel(self.large, LocalLogits(tuned or self._model(), tok),
+        return ProxyModel(self.large, LocalLogits(tuned or self.model, tok),
                           LocalLogits(self.anti_expert, tok), alpha=self.cfg.alpha)
 
     # -- server side --------------------------------------------------------------------------
     def download(self, round_: int, client_id: int) -> bytes:
         return self.inner.download(round_, client_id)
 
-    @property
-    def download_since(self) -> Callable[[int, int], bytes] | None:
-        """The device trainer's ΔA download (FedKSeed devices with delta downloads; engines
-        look it up and fall back to :meth:`download` when it is None). The server's
-        distillation is in A, so ΔA carries it."""
-        return getattr(self.inner, "download_since", None)
-
     def begin_round(self, round_: int) -> None:
         self.round = round_
         if self.cfg.anti_expert == "round-start":
-            model = self._model()
-            self.inner.load_global(model)
-            self.anti_expert = copy.deepcopy(model).eval()
+            self.inner.load_global(self.model)
+            self.anti_expert = self._snapshot(self.model)
         self.inner.begin_round(round_)
 
     def accept(self, payload: bytes) -> ReplyInfo:
@@ -176,12 +167,13 @@ class FedPT:
 
     def _distill(self) -> None:
         """Steps (4) and (5): teacher continuations on server prompts, then KL into the student."""
-        c, tok, model = self.cfg, self.tokenizer, self._model()
+        c, tok, model = self.cfg, self.tokenizer, self.model
         self.inner.load_global(model)
         if self._pool is None:
             self._pool = distill_records(c)
-        rng = random.Random(f"{c.distill_seed}:{self.round}")
-        records = rng.sample(self._pool, min(c.distill_prompts, len(self._pool)))
+        pick = seeds.rng(c.distill_seed, "distill-prompts", self.round).choice(
+            len(self._pool), size=min(c.distill_prompts, len(self._pool)), replace=False)
+        records = [self._pool[int(i)] for i in pick]
         frozen = copy.deepcopy(model).eval()  # the aggregated model inside the teacher
         proxy = self.proxy(frozen)
         targets = teacher_targets(proxy, [prompt_ids(r, tok) for r in records],
@@ -192,34 +184,28 @@ class FedPT:
         # progress is always reported as the KL at T (whatever the training loss)
         before = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
         params = [p for p in model.parameters() if p.requires_grad]
-        seed = c.distill_seed * 100_003 + self.round
-        if isinstance(self.inner, FedKSeed):
-            ks = self.inner.cfg
-            sums, loss = distill_zo(model, params, self.inner.pool, targets,
+        seed = seeds.derive(c.distill_seed, "distill-steps", self.round)
+        zo, weights = self.inner.seed_steps, self.inner.set_global
+        if zo is not None:  # FedKSeed devices: steps along the pool's seeds, folded into A
+            sums, loss = distill_zo(model, params, zo.pool, targets,
                                     steps=c.distill_zo_steps, batch_size=c.distill_batch_size,
-                                    eps=ks.zo_eps, lr=ks.lr, temperature=t, pad_id=self.pad_id,
+                                    eps=zo.eps, lr=zo.lr, temperature=t, pad_id=self.pad_id,
                                     vocab_size=v, loss=c.distill_loss, seed=seed)
-            self.inner.server.add_server_steps(sums)
+            zo.add_server_steps(sums)
             self.inner.load_global(model)  # what devices rebuild from the accumulators
-        else:
+        elif weights is not None:
             loss = distill(model, params, targets, steps=c.distill_steps,
                            batch_size=c.distill_batch_size, lr=c.distill_lr, temperature=t,
                            pad_id=self.pad_id, vocab_size=v, loss=c.distill_loss, seed=seed)
-            self._set_global(model)
+            weights(model)  # the distilled student is the next round's global small model
+        else:
+            raise RuntimeError(f"distillation cannot update {self.inner.name}'s global state")
         after = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
         self.history.append({"round": self.round, "sequences": len(targets),
                              "positions": sum(len(t.logits) for t in targets),
                              "kl_before": before, "kl_after": after, "train_loss": loss})
         log.info("FedPT round %d: distilled on %d sequences, KL to the teacher %.4f -> %.4f",
                  self.round, len(targets), before, after)
-
-    def _set_global(self, model: torch.nn.Module) -> None:
-        """Make the distilled student the global small model the next round broadcasts."""
-        server = getattr(self.inner, "server", None)
-        if server is None or not hasattr(server, "theta"):
-            raise RuntimeError(f"distillation cannot update {self.inner.name}'s global state")
-        server.theta = {n: p.detach().clone() for n, p in model.named_parameters()
-                        if p.requires_grad}
 
     def load_global(self, model: torch.nn.Module) -> None:
         self.inner.load_global(model)
@@ -243,13 +229,8 @@ class FedPT:
                              for k, v in zip(_LOG_FIELDS, row.tolist(), strict=True)}
                             for row in rows]
 
-    # -- device side --------------------------------------------------------------------------
-    def client_round(self, model: torch.nn.Module, payload: bytes,
-                     examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
-        return self.inner.client_round(model, payload, examples, round_, seed)
-
     # -- evaluation and result ----------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, records: Sequence[Record], *,
+    def _evaluate(self, model: torch.nn.Module, tokenizer: Any, records: Sequence[Record], *,
                  max_new_tokens: int, batch_size: int, max_length: int, rouge: bool,
                  loss: bool, template: str = "auto") -> dict[str, float]:
         """Score the product, the proxy-tuned large model (``model`` holds the global small)."""
@@ -265,7 +246,7 @@ class FedPT:
             scores["small_rougeL"] = small["rougeL"]
         return scores
 
-    def target_met(self, scores: dict[str, float]) -> bool:
+    def _target_met(self, scores: dict[str, float]) -> bool:
         """The stopping rule: the proxy's Rouge-L reached ``stop_rougeL``."""
         goal = self.cfg.stop_rougeL
         return goal > 0 and scores.get("rougeL") is not None and scores["rougeL"] >= goal

@@ -1,0 +1,54 @@
+"""The registry rows of FedKSeed and FedKSeed-Pro (Qin et al., ICML 2024, arXiv 2312.06353).
+
+Federated full-parameter tuning by two-point zeroth-order SGD where every perturbation comes from
+a pool of K seeds: clients send only (seed index, Σ g) pairs, the server keeps per-seed
+accumulators A, and the global model is w = w0 − lr · Σ_j A_j z(s_j). FedKSeed-Pro samples seeds
+with probabilities from their importance (:mod:`.pro`).
+
+Master weights: the trainable parameters are kept in float32 (a model loaded in fp16/bf16 is
+upcast in ``prepare``): ZO updates of ~lr · g are far below half-precision resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fedtune.algorithms.base import DeviceEnv, Method, MethodContext
+from fedtune.algorithms.fedkseed.device import FedKSeedDevice
+from fedtune.algorithms.fedkseed.replay import RoundModel
+from fedtune.algorithms.fedkseed.server import FedKSeedServer
+
+log = logging.getLogger(__name__)
+
+
+def prepare(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Module:
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        log.warning("FedKSeed: upcasting the model to float32 (ZO master weights must be fp32)")
+        model = model.to(torch.float32)
+    for p in model.parameters():
+        p.requires_grad_(True)  # full-parameter; no autograd graph is ever built
+    return model.eval()
+
+
+def _device(pro: bool):  # noqa: ANN202
+    def make(ctx: MethodContext, model: torch.nn.Module, env: DeviceEnv) -> FedKSeedDevice:
+        shared = env.shared if isinstance(env.shared, RoundModel) else None
+        return FedKSeedDevice(ctx.cfg.fedkseed, pro, ctx.pad_id, model, env, shared)
+
+    return make
+
+
+FEDKSEED = Method(
+    name="fedkseed", summary="zeroth-order full-parameter tuning over a pool of K seeds; a "
+    "device sends seed indices and scalars (Qin et al. 2024)",
+    sections=("fedkseed",), prepare=prepare,
+    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, False, model),
+    device=_device(False))
+
+FEDKSEED_PRO = Method(
+    name="fedkseed-pro", summary="FedKSeed with seeds sampled by their importance (Qin et al. "
+    "2024)", sections=("fedkseed",), prepare=prepare,
+    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, True, model),
+    device=_device(True))
