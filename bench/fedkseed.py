@@ -289,8 +289,8 @@ def memory_worker(s: Setup, op: str) -> dict[str, int]:
     the Python/torch runtime. The parent sets MALLOC_MMAP_THRESHOLD_ so
     freed tensors go back to the OS and RSS follows live memory.
     """
-    from fedtune.algorithms.fedavg.client import local_train
-    from fedtune.data.prompts import TokenizedExample
+    from fedtune.algorithms.local import backprop_step, lm_loss, make_optimizer, run_steps
+    from fedtune.data.prompts import TokenizedExample, collate
     from fedtune.zo import new_z_buffer, zo_loss, zo_step
 
     if op == "fedit_lora_step":
@@ -328,10 +328,12 @@ def memory_worker(s: Setup, op: str) -> dict[str, int]:
         examples = [TokenizedExample(row.tolist(), row.tolist()) for row in batch["input_ids"]]
         bparams = [p for p in model.parameters() if p.requires_grad]
 
-        def run() -> object:
-            return local_train(model, bparams, examples, steps=1, batch_size=s.batch, lr=1e-3,
-                               optimizer="adamw", weight_decay=0.0, max_grad_norm=1.0,
-                               pad_id=0, seed=0)
+        def run() -> object:  # FedAvg's / FedIT's local backprop: one step, a fresh AdamW
+            opt = make_optimizer(bparams, "adamw", 1e-3, 0.0)
+            return run_steps(model, examples, steps=1, batch_size=s.batch, seed=0,
+                             collate=lambda b: collate(b, 0),
+                             step=backprop_step(bparams, opt, 1.0, lm_loss(model)),
+                             train_mode=True)
     run()
     _release()
     rss_before = _status("VmRSS")
@@ -363,7 +365,7 @@ def _device_round(op: str, model: torch.nn.Module, batch: dict[str, torch.Tensor
     ``device_round``: w0 read from the model files and no copy of the round model (what a node
     does now); ``_keep_z``: the same with z kept during a step; ``_w0_in_memory``: w0 as a
     second copy in memory plus the round-model copy (what a node did before)."""
-    from fedtune.algorithms import build_algorithm
+    from fedtune.algorithms import METHODS, DeviceEnv, MethodContext
     from fedtune.algorithms.config import AlgorithmConfig
     from fedtune.algorithms.fedkseed.config import FedKSeedConfig
     from fedtune.algorithms.fedkseed.wire import Download
@@ -373,10 +375,15 @@ def _device_round(op: str, model: torch.nn.Module, batch: dict[str, torch.Tensor
     cfg = AlgorithmConfig(name="fedkseed")
     cfg.fedkseed = FedKSeedConfig(k_seeds=k, tau=2, batch_size=int(batch["input_ids"].shape[0]),
                                   lr=1e-7, keep_z=op == "device_round_keep_z")
-    alg: Any = build_algorithm(cfg, pad_id=0)
-    if op != "device_round_w0_in_memory":
-        alg.w0_dir, alg.cache_round_model = model_dir, False
-    model = alg.prepare(model)
+    method = METHODS["fedkseed"]
+    ctx = MethodContext(cfg, pad_id=0)
+    model = method.prepare(ctx, model)
+    # only the device half (no server half in a node's process): a real device, one client per
+    # process (w0 from the model files, no round-model copy), or the in-process device of
+    # before (w0 cloned in memory and the round model cached)
+    env = (DeviceEnv() if op == "device_round_w0_in_memory"
+           else DeviceEnv(one_client=True, w0_dir=model_dir))
+    device = method.device(ctx, model, env)
     acc = torch.zeros(k)
     acc[torch.arange(DEVICE_SEEDS) * (k // DEVICE_SEEDS)] = torch.linspace(-50, 50, DEVICE_SEEDS)
     examples = [TokenizedExample(row.tolist(), row.tolist()) for row in batch["input_ids"]]
@@ -386,7 +393,7 @@ def _device_round(op: str, model: torch.nn.Module, batch: dict[str, torch.Tensor
         r = next(rounds)
         moved = torch.where(acc != 0, acc + r, acc)  # a new A every round, the same seeds
         payload = Download(round=r, accumulators=moved).encode()
-        return alg.client_round(model, payload, examples, r, 7)
+        return device.round(model, payload, examples, r, 7)
     return run
 
 

@@ -17,10 +17,11 @@ eval subset and greedy decoding (Rouge-L F):
 Each FedPT arm is compared with the direct tuning by the same device trainer (FedKSeed devices
 with direct FedIT). Gap closed = (Rouge-L of FedPT − base large) / (direct − base large); the
 same on the eval loss. Device cost per client and round: bytes up + down (from the runs), and
-one local round measured in a fresh process per arm (``--device-cost ARM``): wall time of
-``client_round`` and the peak RSS (VmHWM, reset just before the model is loaded) above the RSS
-at that moment: the model, its training state, activations and the allocator's working memory on
-CPU; imports and the data do not count.
+one local round measured in a fresh process per arm (``--device-cost ARM``): wall time of the
+device half's ``round`` and the peak RSS (VmHWM, reset just before the model is loaded) above
+the RSS at that moment: the model, its training state, activations and the allocator's working
+memory on CPU (the server half built beside it, as in process); imports and the data do not
+count.
 Dolly needs ``../shared/data/dolly`` beside the repository.
 """
 
@@ -99,7 +100,7 @@ def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
     """One local round of ``arm``'s device side on client 0, in this (fresh) process."""
     import torch  # noqa: F401 (imports first: their memory is not the device's model)
 
-    from fedtune.algorithms import build_algorithm
+    from fedtune.algorithms import METHODS, DeviceEnv, MethodContext
     from fedtune.config import load_config
     from fedtune.data.pipeline import build_federated_data
     from fedtune.data.prompts import tokenize_records
@@ -113,15 +114,21 @@ def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
     acfg = cfg.algorithm
     if acfg.name == "fedpt":  # the device runs only the device trainer on the small model
         acfg = dataclasses.replace(acfg, name=acfg.fedpt.device_trainer)
-    alg = build_algorithm(acfg, int(tok.pad_token_id))
-    model = alg.prepare(model)
+    method = METHODS[acfg.name]
+    ctx = MethodContext(acfg, int(tok.pad_token_id), tok)
+    model = method.prepare(ctx, model)
+    # both halves in this process, as the in-process engine builds them (the server half's
+    # state counts, as it always has: FedKSeed's w0 and round model are shared with the device)
+    server = method.server(ctx, model)
+    device = method.device(ctx, model, DeviceEnv(shared=server.device_share))
     examples = next(e for e in (tokenize_records(c, tok, cfg.data.max_length, quiet=True)
                                 for c in data.clients) if e)
-    alg.begin_round(1)
-    down = alg.download(1, 0)
+    server.begin_round(1)
+    down = server.download(1, 0)
     t0 = time.perf_counter()
-    up = alg.client_round(model, down, examples, 1, seed=0)
+    up = device.round(model, down, examples, 1, seed=0)
     wall = time.perf_counter() - t0
+    server.close()
     peak = _status_mb("VmHWM")
     params = sum(p.numel() for p in model.parameters())
     return {"arm": arm, "local_round_s": wall, "peak_rss_mb": peak,

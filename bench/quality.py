@@ -1,4 +1,6 @@
-"""Quality at equal rounds: Rouge-L before and after for FedKSeed, FedKSeed-Pro, FedMeZO, FedIT.
+"""Quality at equal rounds: Rouge-L before and after for FedKSeed, FedKSeed-Pro and the
+baselines of the FedKSeed paper's comparison (FedMeZO, FedZO, FedIT, FedAvg, FedPrompt,
+FedPTuning).
 
     python -m bench.quality [--json] [--rounds 5] [--model fedtune/base_models/small]
     python -m bench.quality --model smollm2-135m --json     the real model (settings: REAL)
@@ -8,7 +10,8 @@ evaluation, the other categories over 200 clients by Dirichlet(0.5), the same cl
 every method's round (same federation seed), the same eval subset, greedy decoding, Rouge-L F.
 Every method runs through ``fedtune.runner.run`` exactly as ``fedtune run`` would, from the same
 base model; the per-method settings are in ``METHODS`` below (the zeroth-order methods take
-their paper's batch size 1 and many more, cheaper, steps than the backprop baseline).
+their paper's batch size 1 and many more, cheaper, steps than the backprop baseline). The
+settings of FedZO, FedPrompt and FedPTuning are untuned first choices (see the comments).
 Needs ``../shared/data/dolly`` beside the repository.
 """
 
@@ -56,16 +59,28 @@ METHODS: dict[str, list[str]] = {
                      "algorithm.fedkseed.tau=50", "algorithm.fedkseed.lr=1e-4"],
     "fedmezo": ["algorithm.name=fedmezo", "algorithm.fedmezo.tau=50",
                 "algorithm.fedmezo.batch_size=1"],
+    # untuned: FedKSeed's steps and lr (both are full-parameter ZO-SGD), fresh seeds
+    "fedzo": ["algorithm.name=fedzo", "algorithm.fedzo.tau=50", "algorithm.fedzo.batch_size=1",
+              "algorithm.fedzo.lr=1e-4"],
     "fedit": ["algorithm.name=fedit", "algorithm.local_steps=10", "algorithm.batch_size=4",
               "algorithm.lr=3e-4"],
     "fedavg": ["algorithm.name=fedavg", "algorithm.local_steps=10", "algorithm.batch_size=4",
                "algorithm.lr=1e-4"],
+    # untuned: 20 virtual tokens (the default), AdamW (the default optimizer) at the usual
+    # prompt-tuning lr (peft's prompt-tuning example: 3e-2) and P-tuning's MLP encoder at 1e-3
+    "fedprompt": ["algorithm.name=fedprompt", "algorithm.local_steps=10",
+                  "algorithm.batch_size=4", "algorithm.optimizer=adamw", "algorithm.lr=3e-2"],
+    "fedptuning": ["algorithm.name=fedptuning", "algorithm.local_steps=10",
+                   "algorithm.batch_size=4", "algorithm.optimizer=adamw", "algorithm.lr=1e-3"],
 }
 
 # The real model (SmolLM2-135M-Instruct, a chat template): FedKSeed's lr from the quick start's
 # search on the generated suite (BENCHMARKS.md: 1e-5 moved little, 3e-5 no better than 2e-5),
 # batch 4 like the quick start; the backprop baselines at learning rates usual for a 135M model
-# (LoRA 3e-4, full fine-tuning 1e-5); FedMeZO at MeZO's LoRA range.
+# (LoRA 3e-4, full fine-tuning 1e-5); FedMeZO at MeZO's LoRA range. Untuned: FedZO at
+# FedKSeed's steps, batch and lr (both full-parameter ZO-SGD; FedZO sends the full model both
+# ways, ~540 MB per client and direction here), the prompt methods with AdamW at the usual
+# prompt-tuning lr (soft prompt 3e-2, P-tuning's MLP encoder 1e-3), 20 virtual tokens.
 REAL: dict[str, list[str]] = {
     "fedkseed": ["algorithm.name=fedkseed", "algorithm.fedkseed.k_seeds=1024",
                  "algorithm.fedkseed.tau=20", "algorithm.fedkseed.batch_size=4",
@@ -79,6 +94,12 @@ REAL: dict[str, list[str]] = {
                "algorithm.lr=1e-5"],
     "fedmezo": ["algorithm.name=fedmezo", "algorithm.fedmezo.tau=20",
                 "algorithm.fedmezo.batch_size=4", "algorithm.fedmezo.lr=1e-3"],
+    "fedzo": ["algorithm.name=fedzo", "algorithm.fedzo.tau=20", "algorithm.fedzo.batch_size=4",
+              "algorithm.fedzo.lr=2e-5"],
+    "fedprompt": ["algorithm.name=fedprompt", "algorithm.local_steps=10",
+                  "algorithm.batch_size=4", "algorithm.optimizer=adamw", "algorithm.lr=3e-2"],
+    "fedptuning": ["algorithm.name=fedptuning", "algorithm.local_steps=10",
+                   "algorithm.batch_size=4", "algorithm.optimizer=adamw", "algorithm.lr=1e-3"],
 }
 
 

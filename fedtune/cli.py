@@ -111,9 +111,12 @@ def _model_dir(path: Path) -> Path:
     """A run directory's exported model, or ``path`` itself if it is a model directory."""
     if (path / "model" / "config.json").is_file():
         return path / "model"
-    if (path / "config.json").is_file():
+    if (path / "adapter" / "adapter_config.json").is_file():  # the prompt-tuning methods
+        return path / "adapter"
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return path
-    raise FileNotFoundError(f"{path} is neither a run directory with model/ nor a model directory")
+    raise FileNotFoundError(f"{path} is neither a run directory with model/ or adapter/ nor a "
+                            "model directory")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -273,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the run's own bar
     # peft 0.21 calls an API transformers 5 deprecates: nothing a user can act on
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    # peft's prompt learning drops position ids (virtual tokens come first): expected, not news
+    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter")
     handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config,
                 "export": cmd_export,
                 "pretrain": pretrain_cli.run, "serve-logits": cmd_serve_logits,

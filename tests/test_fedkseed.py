@@ -1,27 +1,25 @@
 """FedKSeed / FedKSeed-Pro: seed probabilities, aggregation by hand, message validation, the
 bit-exact client rebuild, and whole runs through the CLI."""
 
-import hashlib
 import json
 import math
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_helpers import examples, tiny_model
+from conftest import build, examples, model_hash, play_round, run_cli, tiny_model
 from transformers import AutoModelForCausalLM
 
-from fedtune.algorithms import build_algorithm
+from fedtune.algorithms.base import DeviceEnv
 from fedtune.algorithms.config import AlgorithmConfig
 from fedtune.algorithms.fedkseed import pro
-from fedtune.algorithms.fedkseed.algorithm import SEED_LOG, trainable
-from fedtune.algorithms.fedkseed.client import draw_seed_indices
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+from fedtune.algorithms.fedkseed.device import draw_seed_indices
 from fedtune.algorithms.fedkseed.replay import rebuild_, seed_pool
-from fedtune.algorithms.fedkseed.server import FedKSeedServer
+from fedtune.algorithms.fedkseed.server import SEED_LOG, FedKSeedServer
 from fedtune.algorithms.fedkseed.wire import Download, Reply
+from fedtune.algorithms.params import trainable
 from fedtune.cli import main
 from fedtune.configbase import ConfigError
 from fedtune.wire import MessageError
@@ -244,33 +242,30 @@ def test_malformed_downloads_rejected():
 # -- the algorithm on a tiny model ---------------------------------------------------------------
 
 
-def make(name="fedkseed", **kw):
+def config(name="fedkseed", **kw) -> AlgorithmConfig:
     cfg = AlgorithmConfig(name=name)
     cfg.fedkseed = FedKSeedConfig(k_seeds=16, tau=6, lr=1e-3, **kw)
     cfg.validate()
-    alg = build_algorithm(cfg, pad_id=0)
-    model = alg.prepare(tiny_model())
-    return alg, model
+    return cfg
 
 
-def run_round(alg, model, round_, clients, snapshots=None):
-    alg.begin_round(round_)
-    for cid in clients:
-        up = alg.client_round(model, alg.download(round_, cid), examples(cid), round_, 100 + cid)
-        if snapshots is not None:
-            snapshots.append((len(examples(cid)), [p.detach().clone() for p in trainable(model)]))
-        alg.accept(up)
-    alg.end_round()
+def make(name="fedkseed", **kw):
+    """(server, device, model) of a FedKSeed run in process."""
+    return build(config(name, **kw), tiny_model())
+
+
+def params_of(model) -> list[torch.Tensor]:
+    return list(trainable(model).values())
 
 
 @pytest.mark.parametrize("name", ["fedkseed", "fedkseed-pro"])
 def test_client_starts_from_the_global_model_bit_for_bit(name, monkeypatch):
-    import fedtune.algorithms.fedkseed.algorithm as mod
+    import fedtune.algorithms.fedkseed.device as mod
 
-    alg, model = make(name)
-    run_round(alg, model, 1, [0, 1])
-    run_round(alg, model, 2, [1, 2])
-    assert alg.server.accumulators.abs().sum() > 0
+    server, device, model = make(name)
+    play_round(server, device, model, 1, [0, 1])
+    play_round(server, device, model, 2, [1, 2])
+    assert server.accumulators.abs().sum() > 0
     starts = []
     original = mod.local_zo_train
 
@@ -280,51 +275,52 @@ def test_client_starts_from_the_global_model_bit_for_bit(name, monkeypatch):
 
     monkeypatch.setattr(mod, "local_zo_train", spy)
     expected = tiny_model()  # a separate model: round 2's global model, as the server defines it
-    alg.load_global(expected)
-    run_round(alg, model, 3, [0])
-    for a, b in zip(starts[0], trainable(expected), strict=True):
+    server.load_global(expected)
+    play_round(server, device, model, 3, [0])
+    for a, b in zip(starts[0], params_of(expected), strict=True):
         assert torch.equal(a, b)  # the client trained from exactly that
     # a fresh device rebuilding from w0 and the (JSON) seed log gets the global model exactly
-    alg.load_global(model)
-    log = json.loads(json.dumps(alg.seed_log()))
+    server.load_global(model)
+    log = json.loads(json.dumps(server.seed_log()))
     fresh = tiny_model()
     params = list(fresh.parameters())
     rebuild_(params, [p.detach().clone() for p in params], log["seed_pool"],
              torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
-    for a, b in zip(params, trainable(model), strict=True):
+    for a, b in zip(params, params_of(model), strict=True):
         assert torch.equal(a, b)
 
 
 def test_aggregate_equals_fedavg_of_the_local_models():
     # constant lr, no weight decay: w0 - lr sum_j A_j z_j is the sample-weighted mean of the
     # clients' local models (up to fp32 rounding)
-    alg, model = make()
+    server, device, model = make()
     snaps: list = []
-    run_round(alg, model, 1, [0, 1, 2], snaps)
+    play_round(server, device, model, 1, [0, 1, 2], after_client=lambda cid: snaps.append(
+        (len(examples(cid)), [p.detach().clone() for p in params_of(model)])))
     total = sum(n for n, _ in snaps)
-    alg.load_global(model)
-    for i, p in enumerate(trainable(model)):
+    server.load_global(model)
+    for i, p in enumerate(params_of(model)):
         mean = sum(n * ps[i].double() for n, ps in snaps) / total
         torch.testing.assert_close(p.double(), mean, rtol=0, atol=1e-6)
 
 
 def test_pro_clients_draw_from_the_server_probabilities():
-    alg, model = make("fedkseed-pro")
-    run_round(alg, model, 1, [0, 1])
-    p = alg.server.probabilities()
+    server, device, model = make("fedkseed-pro")
+    play_round(server, device, model, 1, [0, 1])
+    p = server.probabilities()
     assert p.max() / p.min() <= math.e + 1e-9 and p.max() > p.min()
-    alg.begin_round(2)
-    down = Download.decode(alg.download(2, 0), 16, True, expect_round=2)
+    server.begin_round(2)
+    down = Download.decode(server.download(2, 0), 16, True, expect_round=2)
     np.testing.assert_allclose(down.probs.numpy(), p, rtol=1e-6)
 
 
 def test_checkpoint_refuses_another_seed_pool():
-    alg, _ = make()
-    other, _ = make(seed=1)
+    server, _, _ = make()
+    other, _, _ = make(seed=1)
     with pytest.raises(ValueError, match="seed pool"):
-        other.load_state_dict(alg.state_dict())
-    other2, _ = make()
-    other2.load_state_dict(alg.state_dict())
+        other.load_state_dict(server.state_dict())
+    other2, _, _ = make()
+    other2.load_state_dict(server.state_dict())
 
 
 # -- whole runs through the CLI ------------------------------------------------------------------
@@ -339,21 +335,14 @@ SMALL = [
 ]
 
 
-def run_cli(out: Path, *extra: str) -> int:
-    args = ["run", "--quiet", "--out", str(out)]
-    for s in SMALL + list(extra):
-        args += ["--set", s]
-    return main(args)
-
-
-def model_hash(model_dir: Path) -> str:
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+def run(out, *extra: str) -> int:
+    return run_cli(out, *SMALL, *extra)
 
 
 def test_two_rounds_through_the_cli_are_reproducible(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run_cli(a, "algorithm.name=fedkseed") == 0
-    assert run_cli(b, "algorithm.name=fedkseed") == 0
+    assert run(a, "algorithm.name=fedkseed") == 0
+    assert run(b, "algorithm.name=fedkseed") == 0
     assert model_hash(a / "model") == model_hash(b / "model")
     rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
@@ -366,9 +355,9 @@ def test_two_rounds_through_the_cli_are_reproducible(tmp_path):
 
 def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, interrupt_at_round):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    assert run_cli(straight, "algorithm.name=fedkseed-pro") == 0
+    assert run(straight, "algorithm.name=fedkseed-pro") == 0
     interrupt_at_round(2)
-    assert run_cli(broken, "algorithm.name=fedkseed-pro") == 130
+    assert run(broken, "algorithm.name=fedkseed-pro") == 130
     interrupt_at_round(None)
     assert main(["run", "--quiet", "--resume", str(broken)]) == 0
     assert model_hash(straight / "model") == model_hash(broken / "model")
@@ -392,26 +381,28 @@ def test_incremental_catch_up_matches_the_full_rebuild():
     """A device holding round 1's model applies only the change since round 1 (the paper's ΔA)."""
     from fedtune.algorithms.fedkseed.replay import catch_up_
 
-    alg, model = make("fedkseed")
-    run_round(alg, model, 1, [0, 1])
-    alg.load_global(model)
-    cached = [p.detach().clone() for p in trainable(model)]  # the device's model of round 1
-    run_round(alg, model, 2, [2, 3])
-    alg.begin_round(3)
-    full = Download.decode(alg.server.download(3), 16, False, expect_round=3)
-    delta = Download.decode(alg.server.download(3, since=1), 16, False, expect_round=3)
+    server, device, model = make("fedkseed")
+    play_round(server, device, model, 1, [0, 1])
+    server.load_global(model)
+    cached = [p.detach().clone() for p in params_of(model)]  # the device's model of round 1
+    play_round(server, device, model, 2, [2, 3])
+    server.begin_round(3)
+    assert server.download_since is not None
+    full = Download.decode(server.download(3, 0), 16, False, expect_round=3)
+    delta = Download.decode(server.download_since(3, 1), 16, False, expect_round=3)
     assert delta.since == 1 and full.since == 0
-    assert torch.equal(delta.accumulators, alg.server.history[2] - alg.server.history[1])
+    assert torch.equal(delta.accumulators, server.history[2] - server.history[1])
     # a stateless in-process device refuses a change it has no cached model for
     with pytest.raises(MessageError, match="cached model"):
-        alg.client_round(model, alg.server.download(3, since=1), examples(0), 3, 1)
+        device.round(model, server.download_since(3, 1), examples(0), 3, 1)
 
-    rebuilt = [p.detach().clone() for p in trainable(model)]
-    rebuild_(rebuilt, alg.w0, alg.pool, full.accumulators, alg.cfg.lr)
+    lr = server.cfg.lr
+    rebuilt = [p.detach().clone() for p in params_of(model)]
+    rebuild_(rebuilt, server.round_model.w0, server.pool, full.accumulators, lr)
     caught_up = [c.clone() for c in cached]
-    catch_up_(caught_up, alg.pool, delta.accumulators, alg.cfg.lr)
+    catch_up_(caught_up, server.pool, delta.accumulators, lr)
     again = [c.clone() for c in cached]
-    catch_up_(again, alg.pool, delta.accumulators, alg.cfg.lr)
+    catch_up_(again, server.pool, delta.accumulators, lr)
     for a, b, c in zip(rebuilt, caught_up, again, strict=True):
         assert torch.equal(b, c)  # the same path gives the same bits
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # equal up to float32 rounding
@@ -419,18 +410,19 @@ def test_incremental_catch_up_matches_the_full_rebuild():
 
 
 def test_unknown_since_round_gets_the_full_download():
-    alg, model = make("fedkseed")
-    run_round(alg, model, 1, [0])
-    alg.begin_round(2)
-    assert alg.server.download(2, since=7) == alg.server.download(2)
+    server, device, model = make("fedkseed")
+    play_round(server, device, model, 1, [0])
+    server.begin_round(2)
+    assert server.download_since is not None
+    assert server.download_since(2, 7) == server.download(2, 0)
 
 
 def test_keep_z_gives_the_same_round_bit_for_bit():
     results = []
     for keep in (False, True):
-        alg, model = make("fedkseed", keep_z=keep)
-        run_round(alg, model, 1, [0, 1])
-        results.append(alg.server.accumulators.clone())
+        server, device, model = make("fedkseed", keep_z=keep)
+        play_round(server, device, model, 1, [0, 1])
+        results.append(server.accumulators.clone())
     assert torch.equal(results[0], results[1])
 
 
@@ -439,25 +431,21 @@ def test_a_device_reading_w0_from_its_files_rebuilds_the_same_bits(tmp_path):
     round-model copy; its rebuilt model and its reply equal the in-memory path's bit for bit."""
     from fedtune.algorithms.fedkseed.replay import FileWeights
 
-    server, model = make("fedkseed")
-    run_round(server, model, 1, [0, 1])
+    server, device, model = make("fedkseed")
+    play_round(server, device, model, 1, [0, 1])
     base = tiny_model()
     base.save_pretrained(tmp_path)  # the directory the device loaded its model from
     server.begin_round(2)
     payload = server.download(2, 3)
     replies, params = [], []
     for from_files in (False, True):
-        cfg = AlgorithmConfig(name="fedkseed")
-        cfg.fedkseed = FedKSeedConfig(k_seeds=16, tau=6, lr=1e-3)
-        device = build_algorithm(cfg, pad_id=0)
-        if from_files:
-            device.w0_dir, device.cache_round_model = tmp_path, False
-        m = device.prepare(tiny_model())
-        assert isinstance(device.w0, FileWeights) == from_files
-        replies.append(device.client_round(m, payload, examples(3), 2, 7))
-        device._set_round_model(trainable(m), server.server.accumulators)
-        params.append([p.detach().clone() for p in trainable(m)])
-        assert device._cached == [] or not from_files
+        env = DeviceEnv(one_client=True, w0_dir=tmp_path) if from_files else DeviceEnv()
+        _, dev, m = build(config(), tiny_model(), env=env)
+        assert isinstance(dev.round_model.w0, FileWeights) == from_files
+        replies.append(dev.round(m, payload, examples(3), 2, 7))
+        dev.round_model.set_(params_of(m), server.accumulators)
+        params.append([p.detach().clone() for p in params_of(m)])
+        assert dev.round_model._cached == [] or not from_files
     assert replies[0] == replies[1]
     for a, b in zip(*params, strict=True):
         assert torch.equal(a, b)

@@ -190,7 +190,29 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer, make sure a pad token exists, and put the model in eval mode."""
+    """Load model and tokenizer, make sure a pad token exists, and put the model in eval mode.
+
+    A peft adapter directory (``adapter_config.json``, no ``config.json``: the export of the
+    prompt-tuning methods) loads its base model (``base_model_name_or_path``) with the adapter.
+    """
+    adapter = Path(path_or_id)
+    if (adapter / "adapter_config.json").is_file() and not (adapter / "config.json").is_file():
+        import json
+
+        from peft import PeftModel
+
+        base = json.loads((adapter / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+        if not base:
+            raise ValueError(f"{adapter}/adapter_config.json names no base model")
+        base_model, _ = load_model_and_tokenizer(base, dtype, device,
+                                                 trust_remote_code=trust_remote_code,
+                                                 cache_dir=cache_dir)
+        tokenizer = load_tokenizer(adapter)
+        model = PeftModel.from_pretrained(base_model, str(adapter))
+        ensure_pad_token(tokenizer, model)
+        model.eval()
+        return model, tokenizer  # type: ignore[return-value]
     tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code,
                                cache_dir=cache_dir)
     model = load_model(path_or_id, dtype, device, trust_remote_code=trust_remote_code,
