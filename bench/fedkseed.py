@@ -354,7 +354,7 @@ def _model_dir_on_disk(s: Setup) -> Path:
     import tempfile
 
     out = Path(tempfile.mkdtemp(prefix="bench-fedkseed-"))
-    build_model(s).save_pretrained(out)
+    build_model(s).save_pretrained(out)  # type: ignore[operator]
     return out
 
 

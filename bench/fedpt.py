@@ -98,7 +98,7 @@ def _reset_peak_rss() -> None:
 
 def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
     """One local round of ``arm``'s device side on client 0, in this (fresh) process."""
-    import torch  # noqa: F401 (imports first: their memory is not the device's model)
+    import torch  # imports first: their memory is not the device's model
 
     from fedtune.algorithms import METHODS, DeviceEnv, MethodContext
     from fedtune.config import load_config
@@ -110,6 +110,7 @@ def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
     data = build_federated_data(cfg.data)
     _reset_peak_rss()
     rss0 = _status_mb("VmRSS")
+    model: torch.nn.Module
     model, tok = load_model_and_tokenizer(cfg.model.path, "float32", "cpu")
     acfg = cfg.algorithm
     if acfg.name == "fedpt":  # the device runs only the device trainer on the small model

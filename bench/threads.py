@@ -56,8 +56,8 @@ def worker(model_name: str, setting: str, repeats: int) -> dict[str, Any]:
 
     def generate() -> None:
         with torch.inference_mode():
-            model.generate(x[:, :32], max_new_tokens=16, min_new_tokens=16, do_sample=False,
-                           pad_token_id=0)
+            model.generate(x[:, :32], max_new_tokens=16,  # type: ignore[operator]
+                           min_new_tokens=16, do_sample=False, pad_token_id=0)
 
     out: dict[str, Any] = {"threads": policy.threads}
     for name, fn, n in (("forward_s", forward, 2 * repeats), ("generate16_s", generate, repeats)):

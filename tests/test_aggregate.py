@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fedtune.algorithms.aggregate import WeightedMean, weighted_mean
-from fedtune.federation.sampling import client_seed, sample_clients
+from fedtune.seeds import client_seed, sample_clients
 
 
 def test_weighted_mean_by_hand():

@@ -1,22 +1,16 @@
 """FedMeZO: fresh seeds, forward-only local training of fp32 LoRA adapters, FedIT's aggregation,
 and whole runs through the CLI (adapter-only traffic, reproducibility, a falling eval loss)."""
 
-import hashlib
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from tiny_helpers import examples, tiny_model
+from conftest import build, examples, model_hash, rows, run_cli, tiny_model
 
-from fedtune.algorithms import build_algorithm
 from fedtune.algorithms.config import AlgorithmConfig
-from fedtune.algorithms.fedavg.algorithm import trainable
 from fedtune.algorithms.fedavg.wire import Reply
-from fedtune.algorithms.fedmezo.client import draw_fresh_seeds
 from fedtune.algorithms.fedmezo.config import FedMeZOConfig
-from fedtune.cli import main
+from fedtune.algorithms.fedmezo.device import draw_fresh_seeds
+from fedtune.algorithms.params import trainable
 from fedtune.configbase import ConfigError
 from fedtune.wire import MessageError, TensorSpec
 
@@ -47,14 +41,13 @@ def make(dtype: torch.dtype = torch.float32):
     cfg.fedmezo = FedMeZOConfig(tau=5, lr=1e-2, batch_size=2)
     cfg.lora.r = 2
     cfg.validate()
-    alg = build_algorithm(cfg, pad_id=0)
     with torch.random.fork_rng():
         torch.manual_seed(1)  # peft draws LoRA A from the global RNG
-        return alg, alg.prepare(tiny_model(dtype))
+        return build(cfg, tiny_model(dtype))
 
 
 def test_client_round_is_forward_only_and_trains_only_the_adapters(monkeypatch):
-    alg, model = make()
+    server, device, model = make()
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters = trainable(model)
     assert adapters and all("lora_" in n for n in adapters)
@@ -65,8 +58,8 @@ def test_client_round_is_forward_only_and_trains_only_the_adapters(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "backward", no_backprop)
     monkeypatch.setattr(torch.autograd, "backward", no_backprop)
-    alg.begin_round(1)
-    up = alg.client_round(model, alg.download(1, 0), examples(0), 1, seed=3)
+    server.begin_round(1)
+    up = device.round(model, server.download(1, 0), examples(0), 1, seed=3)
 
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
@@ -76,37 +69,37 @@ def test_client_round_is_forward_only_and_trains_only_the_adapters(monkeypatch):
     assert reply.num_samples == 4 and np.isfinite(reply.train_loss)
     assert all(torch.equal(reply.tensors[n], p) for n, p in adapters.items())
     with pytest.raises(MessageError):
-        alg.client_round(model, alg.download(1, 0), examples(0), 2, seed=3)  # stale download
+        device.round(model, server.download(1, 0), examples(0), 2, seed=3)  # stale download
 
 
 def test_server_is_the_sample_weighted_mean_and_rounds_replay_exactly():
-    alg, model = make()
-    alg.begin_round(1)
+    server, device, model = make()
+    server.begin_round(1)
     sent = []
     for cid, n in ((0, 2), (1, 6)):
-        up = alg.client_round(model, alg.download(1, cid), examples(cid, n), 1, seed=10 + cid)
+        up = device.round(model, server.download(1, cid), examples(cid, n), 1, seed=10 + cid)
         sent.append((n, {k: v.clone() for k, v in trainable(model).items()}))
-        alg.accept(up)
-    alg.end_round()
-    for name, theta in alg.state_dict().items():
+        server.accept(up)
+    server.end_round()
+    for name, theta in server.state_dict().items():
         mean = sum(n * t[name].double() for n, t in sent) / 8
         torch.testing.assert_close(theta.double(), mean, rtol=0, atol=1e-7)
     # the same download, examples and seed give the same adapters bit for bit
-    again, model2 = make()
+    again, device2, model2 = make()
     again.begin_round(1)
-    again.client_round(model2, again.download(1, 1), examples(1, 6), 1, seed=11)
+    device2.round(model2, again.download(1, 1), examples(1, 6), 1, seed=11)
     assert all(torch.equal(a, sent[1][1][k]) for k, a in trainable(model2).items())
 
 
 def test_half_precision_base_keeps_fp32_adapters():
-    alg, model = make(torch.bfloat16)
+    server, device, model = make(torch.bfloat16)
     adapters = trainable(model)
     assert all(p.dtype == torch.float32 for p in adapters.values())
-    assert all(t.dtype == torch.float32 for t in alg.state_dict().values())
+    assert all(t.dtype == torch.float32 for t in server.state_dict().values())
     assert any(p.dtype == torch.bfloat16 for p in model.parameters())
-    alg.begin_round(1)
-    alg.accept(alg.client_round(model, alg.download(1, 0), examples(0), 1, seed=3))
-    alg.end_round()
+    server.begin_round(1)
+    server.accept(device.round(model, server.download(1, 0), examples(0), 1, seed=3))
+    server.end_round()
 
 
 # -- whole runs through the CLI ------------------------------------------------------------------
@@ -119,21 +112,6 @@ SMALL = [
     "model.tiny_hidden_size=32", "model.tiny_layers=1", "algorithm.fedmezo.tau=4",
     "algorithm.name=fedmezo",
 ]
-
-
-def run_cli(out: Path, *sets: str) -> int:
-    args = ["run", "--quiet", "--out", str(out)]
-    for s in sets:
-        args += ["--set", s]
-    return main(args)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def model_hash(model_dir: Path) -> str:
-    return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_two_rounds_through_the_cli_send_adapters_only_and_reproduce(tmp_path):

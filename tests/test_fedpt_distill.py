@@ -10,7 +10,6 @@ import torch
 from test_fedpt_proxy import StubTokenizer, llama
 
 from fedtune.algorithms.fedkseed.replay import rebuild_, seed_pool
-from fedtune.algorithms.fedpt.algorithm import FedPT, distill_records
 from fedtune.algorithms.fedpt.config import FedPTConfig
 from fedtune.algorithms.fedpt.distill import (
     distill,
@@ -21,6 +20,7 @@ from fedtune.algorithms.fedpt.distill import (
 )
 from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
 from fedtune.algorithms.fedpt.proxy import ProxyModel
+from fedtune.algorithms.fedpt.server import FedPTServer, distill_records
 from fedtune.configbase import ConfigError
 from fedtune.data.generated import HELDOUT_FAMILIES, generate_suite
 from fedtune.eval.evaluate import evaluate
@@ -136,11 +136,11 @@ def test_config_rejects_impossible_combinations():
 
 def test_stopping_rule():
     fake = SimpleNamespace(cfg=SimpleNamespace(stop_rougeL=0.5))
-    assert FedPT.target_met(fake, {"rougeL": 0.5})  # type: ignore[arg-type]
-    assert not FedPT.target_met(fake, {"rougeL": 0.49})  # type: ignore[arg-type]
-    assert not FedPT.target_met(fake, {"eval_loss": 1.0})  # type: ignore[arg-type]
+    assert FedPTServer._target_met(fake, {"rougeL": 0.5})  # type: ignore[arg-type]
+    assert not FedPTServer._target_met(fake, {"rougeL": 0.49})  # type: ignore[arg-type]
+    assert not FedPTServer._target_met(fake, {"eval_loss": 1.0})  # type: ignore[arg-type]
     off = SimpleNamespace(cfg=SimpleNamespace(stop_rougeL=0.0))
-    assert not FedPT.target_met(off, {"rougeL": 1.0})  # type: ignore[arg-type]
+    assert not FedPTServer._target_met(off, {"rougeL": 1.0})  # type: ignore[arg-type]
 
 
 def test_proxy_eval_loss_batches_rows_so_each_fits_the_context():

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from fedtune.algorithms.fedkseed.algorithm import SEED_LOG
 from fedtune.algorithms.fedkseed.replay import rebuild_
+from fedtune.algorithms.fedkseed.server import SEED_LOG
 from fedtune.cli import main
 from fedtune.models.loading import load_model_and_tokenizer
 
@@ -34,7 +34,7 @@ def run_cli(out: Path, *extra: str) -> list[dict]:
 
 
 def test_fedpt_run_with_the_large_model_behind_the_service(tmp_path, capsys, caplog):
-    caplog.set_level(logging.INFO, logger="fedtune.algorithms.fedpt.algorithm")
+    caplog.set_level(logging.INFO, logger="fedtune.algorithms.fedpt.server")
     rows = run_cli(tmp_path / "run")  # large_access = "spawn": the default
     log = caplog.text
     assert "started `fedtune serve-logits" in log and "stopped the logits service" in log

@@ -70,7 +70,7 @@ def test_oversize_payload_rejected_before_parsing():
 
 
 def test_rejected_reply_never_touches_global_state():
-    server = FedAvgServer(TENSORS)
+    server = FedAvgServer("fedavg", TENSORS)
     server.begin_round(1)
     good = Reply(1, 3, 0.5, {k: v + 1 for k, v in TENSORS.items()}).encode()
     bad = Reply(1, 1000, 0.5, {"a.weight": torch.full((2, 3), 1e6),
@@ -83,14 +83,14 @@ def test_rejected_reply_never_touches_global_state():
 
 
 def test_round_with_no_valid_reply_keeps_the_model():
-    server = FedAvgServer(TENSORS)
+    server = FedAvgServer("fedavg", TENSORS)
     server.begin_round(1)
     server.end_round()
     assert all(torch.equal(server.theta[k], v) for k, v in TENSORS.items())
 
 
 def test_server_aggregates_sample_weighted():
-    server = FedAvgServer({"w": torch.zeros(2)})
+    server = FedAvgServer("fedavg", {"w": torch.zeros(2)})
     server.begin_round(1)
     server.accept(Reply(1, 1, 0.0, {"w": torch.tensor([4.0, 0.0])}).encode())
     server.accept(Reply(1, 3, 0.0, {"w": torch.tensor([0.0, 8.0])}).encode())

@@ -209,10 +209,9 @@ def load_model_and_tokenizer(
                                                  trust_remote_code=trust_remote_code,
                                                  cache_dir=cache_dir)
         tokenizer = load_tokenizer(adapter)
-        model = PeftModel.from_pretrained(base_model, str(adapter))
-        ensure_pad_token(tokenizer, model)
-        model.eval()
-        return model, tokenizer  # type: ignore[return-value]
+        ensure_pad_token(tokenizer, base_model)
+        peft_model: Any = PeftModel.from_pretrained(base_model, str(adapter))
+        return peft_model.eval(), tokenizer
     tokenizer = load_tokenizer(path_or_id, trust_remote_code=trust_remote_code,
                                cache_dir=cache_dir)
     model = load_model(path_or_id, dtype, device, trust_remote_code=trust_remote_code,

@@ -13,6 +13,7 @@ import torch
 from fedtune.algorithms.base import DeviceEnv, Method, MethodContext
 from fedtune.algorithms.fedavg.device import BackpropDevice
 from fedtune.algorithms.fedavg.server import FedAvgServer
+from fedtune.algorithms.params import trainable
 
 
 def prepare_full(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Module:
@@ -39,10 +40,10 @@ def backprop_device(ctx: MethodContext, model: torch.nn.Module, env: DeviceEnv
 FEDAVG = Method(
     name="fedavg", summary="FedAvg over all parameters, backprop on devices (McMahan et al. 2017)",
     sections=(), prepare=prepare_full,
-    server=lambda ctx, model: FedAvgServer("fedavg", model), device=backprop_device)
+    server=lambda ctx, model: FedAvgServer("fedavg", trainable(model)), device=backprop_device)
 
 FEDIT = Method(
     name="fedit", summary="FedAvg over LoRA adapters (FedIT, Zhang et al. 2024)",
     sections=("lora",), prepare=prepare_lora,
-    server=lambda ctx, model: FedAvgServer("fedit", model, export="lora"),
+    server=lambda ctx, model: FedAvgServer("fedit", trainable(model), export="lora"),
     device=backprop_device)

@@ -14,7 +14,7 @@ valid reply keeps theta unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,10 +44,11 @@ class FedAvgServer:
     seed_steps: SeedSteps | None = None
     device_share: object | None = None
 
-    def __init__(self, name: str, model: torch.nn.Module, *, export: Export = "model",
-                 delta: bool = False) -> None:
+    def __init__(self, name: str, initial: Mapping[str, torch.Tensor], *,
+                 export: Export = "model", delta: bool = False) -> None:
+        """``initial``: the trainable tensors by name (``trainable(prepared model)``)."""
         self.name = name
-        self.theta = {k: v.detach().to("cpu").clone() for k, v in trainable(model).items()}
+        self.theta = {k: v.detach().to("cpu").clone() for k, v in initial.items()}
         self.spec = TensorSpec.of(self.theta)
         self.export_kind: Export = export
         self.delta = delta

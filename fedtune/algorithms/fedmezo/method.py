@@ -19,7 +19,7 @@ from fedtune.algorithms.base import DeviceEnv, Method, MethodContext
 from fedtune.algorithms.fedavg.method import prepare_lora
 from fedtune.algorithms.fedavg.server import FedAvgServer
 from fedtune.algorithms.fedmezo.device import MeZODevice
-from fedtune.algorithms.params import upcast_trainable
+from fedtune.algorithms.params import trainable, upcast_trainable
 
 
 def prepare(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Module:
@@ -37,4 +37,5 @@ FEDMEZO = Method(
     name="fedmezo", summary="FedIT's LoRA FedAvg, adapters trained on devices by MeZO "
     "zeroth-order steps with fresh seeds (as in Qin et al. 2024)",
     sections=("fedmezo", "lora"), prepare=prepare,
-    server=lambda ctx, model: FedAvgServer("fedmezo", model, export="lora"), device=device)
+    server=lambda ctx, model: FedAvgServer("fedmezo", trainable(model), export="lora"),
+    device=device)

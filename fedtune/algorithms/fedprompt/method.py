@@ -17,6 +17,7 @@ import torch
 from fedtune.algorithms.base import Method, MethodContext
 from fedtune.algorithms.fedavg.method import backprop_device
 from fedtune.algorithms.fedavg.server import FedAvgServer
+from fedtune.algorithms.params import trainable
 
 
 def prepare_prompt(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Module:
@@ -42,11 +43,11 @@ def prepare_ptuning(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Modu
 FEDPROMPT = Method(
     name="fedprompt", summary="FedAvg over soft-prompt embeddings (prompt tuning; Zhao et al. "
     "2023)", sections=("prompt",), prepare=prepare_prompt,
-    server=lambda ctx, model: FedAvgServer("fedprompt", model, export="adapter"),
+    server=lambda ctx, model: FedAvgServer("fedprompt", trainable(model), export="adapter"),
     device=backprop_device)
 
 FEDPTUNING = Method(
     name="fedptuning", summary="FedAvg over a P-tuning prompt encoder (Liu et al. 2021)",
     sections=("prompt",), prepare=prepare_ptuning,
-    server=lambda ctx, model: FedAvgServer("fedptuning", model, export="adapter"),
+    server=lambda ctx, model: FedAvgServer("fedptuning", trainable(model), export="adapter"),
     device=backprop_device)

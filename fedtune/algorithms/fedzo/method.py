@@ -16,6 +16,7 @@ from fedtune.algorithms.base import DeviceEnv, Method, MethodContext
 from fedtune.algorithms.fedavg.server import FedAvgServer
 from fedtune.algorithms.fedkseed.method import prepare
 from fedtune.algorithms.fedmezo.device import MeZODevice
+from fedtune.algorithms.params import trainable
 
 
 def device(ctx: MethodContext, model: torch.nn.Module, env: DeviceEnv) -> MeZODevice:
@@ -27,4 +28,4 @@ FEDZO = Method(
     name="fedzo", summary="zeroth-order full-parameter steps with fresh seeds on devices, full "
     "model differences sent up (Fang et al. 2022)",
     sections=("fedzo",), prepare=prepare,
-    server=lambda ctx, model: FedAvgServer("fedzo", model, delta=True), device=device)
+    server=lambda ctx, model: FedAvgServer("fedzo", trainable(model), delta=True), device=device)
