@@ -6,7 +6,6 @@ The same FedKSeed config is run in process; the deployment must end with the sam
 bit), the same per-round metrics (wall time and memory aside) and the same bytes.
 """
 
-import hashlib
 import json
 import threading
 import time
@@ -17,13 +16,14 @@ import pytest
 pytest.importorskip("flwr")
 
 import tomli_w  # noqa: E402
+from conftest import comparable, model_hash, rows  # noqa: E402
 
 from fedtune import runner  # noqa: E402
-from fedtune.algorithms.fedkseed.algorithm import FedKSeed  # noqa: E402
+from fedtune.algorithms.fedkseed.device import FedKSeedDevice  # noqa: E402
 from fedtune.config import load_config  # noqa: E402
 from fedtune.federation.flower.certs import make_certs  # noqa: E402
 from fedtune.federation.flower.local import LocalFederation, free_port  # noqa: E402
-from fedtune.federation.sampling import client_seed  # noqa: E402
+from fedtune.seeds import client_seed  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -36,23 +36,10 @@ SMALL = [
     "federation.reply_timeout_s=120",
 ]
 RUN_TIMEOUT = 600  # seconds for a whole 2-3 round run (60-120 s on 2 busy cores)
-NOT_COMPARED = {"wall_s", "peak_memory_mb"}
 
 
 def config(*extra: str):
     return load_config(None, SMALL + list(extra))
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def comparable(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in NOT_COMPARED} for r in rows(run_dir)]
-
-
-def model_hash(run_dir: Path) -> str:
-    return hashlib.sha256((run_dir / "model" / "model.safetensors").read_bytes()).hexdigest()
 
 
 def deploy(fed: LocalFederation, cfg, run_dir: Path) -> None:
@@ -136,7 +123,7 @@ def test_supernode_stopped_mid_round(tmp_path, monkeypatch):
     assert [(x["round"], x["accepted"], x["failed"]) for x in r[1:]] == [(1, 2, 0), (2, 1, 1),
                                                                          (3, 2, 0)]
 
-    real = FedKSeed.client_round
+    real = FedKSeedDevice.round
     dropped = client_seed(0, 2, 1)
 
     def device_stops(self, model, payload, examples, round_, seed):
@@ -144,7 +131,7 @@ def test_supernode_stopped_mid_round(tmp_path, monkeypatch):
             raise RuntimeError("device stopped")
         return real(self, model, payload, examples, round_, seed)
 
-    monkeypatch.setattr(FedKSeed, "client_round", device_stops)
+    monkeypatch.setattr(FedKSeedDevice, "round", device_stops)
     same = tmp_path / "inprocess"
     runner.run(config(*extra), same, progress=False)
     assert comparable(same) == comparable(run_dir)

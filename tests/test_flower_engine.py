@@ -6,7 +6,6 @@ fails validation is dropped (never aggregated), a silent node makes the round co
 others after the timeout, too few replies stop the run and a second ``serve`` resumes it.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,11 +14,12 @@ import pytest
 pytest.importorskip("flwr")
 
 import tomli_w  # noqa: E402
+from conftest import comparable, model_hash  # noqa: E402
 from flower_helpers import LocalGrid  # noqa: E402
 from flwr.app import Message  # noqa: E402
 
 from fedtune import runner  # noqa: E402
-from fedtune.algorithms.fedkseed.algorithm import FedKSeed  # noqa: E402
+from fedtune.algorithms.fedkseed.device import FedKSeedDevice  # noqa: E402
 from fedtune.config import load_config  # noqa: E402
 from fedtune.federation.flower import APP_DIR  # noqa: E402
 from fedtune.federation.flower import messages as wire  # noqa: E402
@@ -27,7 +27,7 @@ from fedtune.federation.flower.client_app import app as client_app  # noqa: E402
 from fedtune.federation.flower.engine import RoundFailed  # noqa: E402
 from fedtune.federation.flower.node import NodeConfigError, NodeSettings  # noqa: E402
 from fedtune.federation.flower.server_app import serve  # noqa: E402
-from fedtune.federation.sampling import client_seed  # noqa: E402
+from fedtune.seeds import client_seed  # noqa: E402
 from fedtune.wire import MessageError  # noqa: E402
 
 SMALL = [
@@ -39,20 +39,10 @@ SMALL = [
     "output.plots=false",
     "federation.node_wait_s=5", "federation.reply_timeout_s=5",
 ]
-NOT_COMPARED = {"wall_s", "peak_memory_mb"}
 
 
 def config(*extra: str):
     return load_config(None, SMALL + list(extra))
-
-
-def comparable(run_dir: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in NOT_COMPARED} for r in rows]
-
-
-def model_hash(run_dir: Path) -> str:
-    return hashlib.sha256((run_dir / "model" / "model.safetensors").read_bytes()).hexdigest()
 
 
 def run_config(cfg, run_dir: Path) -> dict:
@@ -61,23 +51,22 @@ def run_config(cfg, run_dir: Path) -> dict:
 
 def failing_client(monkeypatch, dropped: set[int]) -> None:
     """In process: the clients whose seed is in ``dropped`` raise (a device that stops)."""
-    real = FedKSeed.client_round
+    real = FedKSeedDevice.round
 
-    def client_round(self, model, payload, examples, round_, seed):
+    def round_(self, model, payload, examples, round_, seed):
         if seed in dropped:
             raise RuntimeError("device stopped")
         return real(self, model, payload, examples, round_, seed)
 
-    monkeypatch.setattr(FedKSeed, "client_round", client_round)
+    monkeypatch.setattr(FedKSeedDevice, "round", round_)
 
 
-@pytest.mark.parametrize("algorithm", ["fedkseed", "fedkseed-pro", "fedit", "fedavg", "fedmezo"])
-def test_serverapp_equals_inprocess(tmp_path, algorithm):
-    cfg = config(f"algorithm.name={algorithm}")
+def test_tasks_go_to_their_partitions_node_and_the_config_once(tmp_path):
+    """(Equality with the in-process engine for every method: tests/test_method_contract.py.)"""
+    cfg = config("algorithm.name=fedkseed")
     runner.run(cfg, tmp_path / "inprocess", progress=False)
     grid = LocalGrid(client_app, 2, tmp_path / "nodes")
-    serve(grid, run_config(config(f"algorithm.name={algorithm}"), tmp_path / "flower"))
-    assert comparable(tmp_path / "inprocess") == comparable(tmp_path / "flower")
+    serve(grid, run_config(config("algorithm.name=fedkseed"), tmp_path / "flower"))
     assert model_hash(tmp_path / "inprocess") == model_hash(tmp_path / "flower")
     trains = [m for m in grid.pushed if m.metadata.message_type == "train"]
     assert len(trains) == 4  # 2 rounds x 2 clients, each to the node of its partition

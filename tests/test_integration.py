@@ -1,12 +1,14 @@
-"""Whole runs through the CLI on a tiny model: golden losses, run directory contents, resume."""
+"""Whole runs through the CLI on a tiny model: run directory contents, resume, refusals."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
+from conftest import rows
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -20,25 +22,8 @@ SMALL = [
     "model.path=tiny", "model.tiny_vocab_size=300", "algorithm.lr=0.003",
 ]
 
-# Golden values: fp32 on CPU, torch 2.13.0. They pin the whole pipeline (data generation,
-# partition, tokenizer training, model init, sampling, local training, aggregation, evaluation).
-GOLDEN = {
-    "fedavg": {"train_loss": [5.587761869033177, 5.253327832077488],
-               "eval_loss": [5.7178473839393025, 5.34581287090595, 5.058587294358474]},
-    "fedit": {"train_loss": [5.728035062551498, 5.654075348015987],
-              "eval_loss": [5.7178473839393025, 5.68113767183744, 5.5907716017503]},
-}
-
-
 def run_cli(out: Path, *extra: str) -> int:
-    args = ["run", "--quiet", "--out", str(out)]
-    for s in SMALL + list(extra):
-        args += ["--set", s]
-    return main(args)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return conftest.run_cli(out, *SMALL, *extra)
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedit"])
@@ -47,10 +32,7 @@ def test_two_rounds_through_the_cli(tmp_path, algorithm):
     assert run_cli(out, f"algorithm.name={algorithm}") == 0
     r = rows(out)
     assert [x["round"] for x in r] == [0, 1, 2]
-    train = [x["train_loss"] for x in r[1:]]
-    evals = [x["eval_loss"] for x in r]
-    assert train == pytest.approx(GOLDEN[algorithm]["train_loss"], rel=1e-4)
-    assert evals == pytest.approx(GOLDEN[algorithm]["eval_loss"], rel=1e-4)
+    # (golden losses of every method: tests/test_method_contract.py)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algorithm"] == algorithm and summary["rounds"] == 2
@@ -164,9 +146,9 @@ def test_eval_and_generate_on_run_and_model_dirs(tmp_path, capsys):
 
 
 def test_engine_drops_bad_replies_and_failed_clients(tmp_path, monkeypatch):
-    from fedtune.algorithms.fedavg import FedAvg
+    from fedtune.algorithms.fedavg.device import BackpropDevice
 
-    real = FedAvg.client_round
+    real = BackpropDevice.round
     calls = {"n": 0}
 
     def flaky(self, model, payload, examples, round_, seed):
@@ -177,7 +159,7 @@ def test_engine_drops_bad_replies_and_failed_clients(tmp_path, monkeypatch):
             raise RuntimeError("device ran out of battery")
         return real(self, model, payload, examples, round_, seed)
 
-    monkeypatch.setattr(FedAvg, "client_round", flaky)
+    monkeypatch.setattr(BackpropDevice, "round", flaky)
     out = tmp_path / "r"
     assert run_cli(out, "algorithm.name=fedavg", "federation.rounds=1",
                    "federation.clients_per_round=3") == 0
