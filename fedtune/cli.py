@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--toml", action="store_true", help="print the defaults as a TOML file")
     c.add_argument("--markdown", action="store_true",
                    help="print the fields as a Markdown table (the README's)")
+    c.add_argument("--methods", action="store_true",
+                   help="print the methods (algorithm.name) as a Markdown table (the README's)")
     s = sub.add_parser("serve-logits", help="serve a model's next-token logits over HTTP",
                        description="Serve MODEL's next-token logits (never its weights) over "
                        "HTTP with an incremental decoding session per request: the black-box "
@@ -249,6 +251,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print(fields_markdown())
         return 0
+    if args.methods:
+        print(methods_markdown())
+        return 0
     for key, tp, default, help_text in describe_fields():
         print(f"{key} ({tp}, default {default!r})\n    {help_text}")
     return 0
@@ -262,6 +267,18 @@ def fields_markdown() -> str:
     for key, tp, default, help_text in describe_fields():
         d = repr(default).replace("|", "\\|")
         rows.append(f"| `{key}` | {tp} | `{d}` | {help_text.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def methods_markdown() -> str:
+    """The registry as a Markdown table (``fedtune config --methods``)."""
+    from fedtune.algorithms import METHODS
+
+    rows = ["| `algorithm.name` | what it is | what travels each round | settings |",
+            "| --- | --- | --- | --- |"]
+    for m in METHODS.values():
+        settings = ", ".join(f"`[algorithm.{s}]`" for s in m.sections) or "top level"
+        rows.append(f"| `{m.name}` | {m.summary} | {m.traffic} | {settings} |")
     return "\n".join(rows)
 
 

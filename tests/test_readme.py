@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from fedtune.cli import fields_markdown
+from fedtune.cli import fields_markdown, methods_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -10,6 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_readme_config_table_is_current():
     readme = (ROOT / "README.md").read_text()
     assert fields_markdown() in readme, "regenerate with `fedtune config --markdown`"
+
+
+def test_readme_methods_table_is_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    assert methods_markdown() in readme, "regenerate with `fedtune config --methods`"
 
 
 def test_ci_runs_the_readme_test_command():

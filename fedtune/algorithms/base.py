@@ -175,11 +175,10 @@ class Method:
     """One registry row: everything an engine, the runner and a Flower node need of a method."""
 
     name: str
-    summary: str  # one line for the README table and --help
+    summary: str  # what it is and what a device does, for the README table and --help
+    traffic: str  # what travels each round
     sections: tuple[str, ...]  # the [algorithm.*] sub-tables it reads
     prepare: Callable[[MethodContext, torch.nn.Module], torch.nn.Module]
     """Make the base model the method's model (LoRA, prompt encoder, fp32): same on both sides."""
     server: Callable[[MethodContext, torch.nn.Module], Server]
     device: Callable[[MethodContext, torch.nn.Module, DeviceEnv], Device]
-    device_method: str = ""
-    """The registry name whose device half this method's devices run ('' = its own)."""

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def prepare(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Module:
     if any(p.dtype != torch.float32 for p in model.parameters()):
-        log.warning("FedKSeed: upcasting the model to float32 (ZO master weights must be fp32)")
+        log.warning("upcasting the model to float32 (zeroth-order master weights must be fp32)")
         model = model.to(torch.float32)
     for p in model.parameters():
         p.requires_grad_(True)  # full-parameter; no autograd graph is ever built
@@ -41,14 +41,18 @@ def _device(pro: bool):  # noqa: ANN202
 
 
 FEDKSEED = Method(
-    name="fedkseed", summary="zeroth-order full-parameter tuning over a pool of K seeds; a "
-    "device sends seed indices and scalars (Qin et al. 2024)",
+    name="fedkseed", summary="tau two-point zeroth-order steps on every parameter (two "
+    "forwards, no backprop: inference memory), each perturbation drawn from a pool of K seeds "
+    "(Qin et al. 2024)",
+    traffic="down: the K per-seed accumulators (or their change since the device's cached "
+    "round); up: (seed index, sum g) per touched seed",
     sections=("fedkseed",), prepare=prepare,
     server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, False, model),
     device=_device(False))
 
 FEDKSEED_PRO = Method(
     name="fedkseed-pro", summary="FedKSeed with seeds sampled by their importance (Qin et al. "
-    "2024)", sections=("fedkseed",), prepare=prepare,
+    "2024)", traffic="FedKSeed's, plus the K seed probabilities down and sum abs(clip g) and a "
+    "count per seed up", sections=("fedkseed",), prepare=prepare,
     server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, True, model),
     device=_device(True))

@@ -36,6 +36,6 @@ def device(ctx: MethodContext, model: torch.nn.Module, env: DeviceEnv) -> MeZODe
 FEDMEZO = Method(
     name="fedmezo", summary="FedIT's LoRA FedAvg, adapters trained on devices by MeZO "
     "zeroth-order steps with fresh seeds (as in Qin et al. 2024)",
-    sections=("fedmezo", "lora"), prepare=prepare,
+    traffic="the LoRA adapters, both ways", sections=("fedmezo", "lora"), prepare=prepare,
     server=lambda ctx, model: FedAvgServer("fedmezo", trainable(model), export="lora"),
     device=device)

@@ -36,4 +36,5 @@ def device(ctx: MethodContext, model: torch.nn.Module, env: DeviceEnv) -> Device
 FEDPT = Method(
     name="fedpt", summary="devices tune a small model; the server proxy-tunes a black-box large "
     "model with it and distils back (Gao et al. 2024)",
-    sections=("fedpt",), prepare=prepare, server=server, device=device)
+    traffic="the device trainer's messages for the small model (never anything of the large "
+    "one)", sections=("fedpt",), prepare=prepare, server=server, device=device)

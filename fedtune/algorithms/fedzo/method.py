@@ -25,7 +25,7 @@ def device(ctx: MethodContext, model: torch.nn.Module, env: DeviceEnv) -> MeZODe
 
 
 FEDZO = Method(
-    name="fedzo", summary="zeroth-order full-parameter steps with fresh seeds on devices, full "
-    "model differences sent up (Fang et al. 2022)",
-    sections=("fedzo",), prepare=prepare,
+    name="fedzo", summary="tau two-point zeroth-order steps on every parameter, each with a "
+    "fresh seed (FedZO, Fang et al. 2022)",
+    traffic="down: the whole model; up: its change", sections=("fedzo",), prepare=prepare,
     server=lambda ctx, model: FedAvgServer("fedzo", trainable(model), delta=True), device=device)
