@@ -1,10 +1,9 @@
-"""The ``fedtune`` command: run, eval, generate, config."""
+"""The ``fedtune`` command: run, eval, generate, export, config, pretrain, serve-logits, flower."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from fedtune.configbase import ConfigError
 from fedtune.federation.flower import cli as flower_cli
+from fedtune.logsetup import configure_logging
 from fedtune.models import pretrain_cli
 
 EPILOG = """examples:
@@ -285,9 +285,7 @@ def methods_markdown() -> str:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "absl", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the run's own bar

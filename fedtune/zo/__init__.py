@@ -1,5 +1,6 @@
 """Zeroth-order building blocks: the seeded perturbation z(s), perturb / restore / replay, and the
-two-point step. Used by FedKSeed; pure functions, no federation code."""
+two-point step. Used by FedKSeed, FedMeZO, FedZO and FedPT's zeroth-order distillation; pure
+functions, no federation code."""
 
 from fedtune.zo.perturb import (
     add_z_,
@@ -8,10 +9,9 @@ from fedtune.zo.perturb import (
     param_seed,
     perturb_,
     replay_,
-    restore_and_update_,
     z_for,
 )
-from fedtune.zo.step import zo_loss, zo_step, zo_step_on
+from fedtune.zo.step import ZOStep, zo_loss, zo_step, zo_step_on
 
 __all__ = ["add_z_", "fill_z_", "new_z_buffer", "param_seed", "perturb_", "replay_",
-           "restore_and_update_", "z_for", "zo_loss", "zo_step", "zo_step_on"]
+           "z_for", "ZOStep", "zo_loss", "zo_step", "zo_step_on"]

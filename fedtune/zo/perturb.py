@@ -23,7 +23,7 @@ float32; the functions refuse anything else rather than silently drift.
 Speed (none of this changes a single bit of the result):
 
 * **Parallel over parameters.** The streams of different parameters are independent, so
-  :func:`perturb_`, :func:`restore_and_update_`, :func:`replay_` and :func:`fill_z_` hand one
+  :func:`perturb_`, :func:`replay_` and :func:`fill_z_` hand one
   task per parameter to a small thread pool (``workers``, default ``torch.get_num_threads()``;
   torch releases the GIL inside ``normal_`` / ``add_``). Each parameter is still computed by
   exactly the same sequence of operations as sequentially, so the result is bitwise the same for
@@ -178,17 +178,6 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
     _check_fp32(params)
     _run([(p.numel(), partial(_perturb_one, p, seed, i, scale))
           for i, p in enumerate(params)], workers)
-
-
-@torch.no_grad()
-def restore_and_update_(params: Sequence[torch.Tensor], seed: int, eps: float, lr: float,
-                        g: float, *, workers: int | None = None) -> None:
-    """θ ← θ + (ε − lr·g) · z(seed): undo the −ε perturbation and take the step in one pass.
-
-    Called with θ at θ₀ − εz, this leaves θ₀ − lr·g·z (up to fp32 rounding), saving one full
-    generation of z per step against a separate restore and update.
-    """
-    perturb_(params, seed, eps - lr * g, workers=workers)
 
 
 @torch.no_grad()  # grad mode is per thread: set it in the worker

@@ -27,10 +27,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
 from fedtune.zo.perturb import add_z_, fill_z_, new_z_buffer, perturb_
+
+
+class ZOStep(NamedTuple):
+    """A taken step: the projected gradient g and the step's loss (L⁺ + L⁻) / 2."""
+
+    g: float
+    loss: float
 
 
 @torch.no_grad()
@@ -41,15 +49,13 @@ def zo_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
 
 @torch.no_grad()
 def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
-            batch: Mapping[str, torch.Tensor], seed: int, eps: float, lr: float,
-            losses: list[float] | None = None, *, keep_z: bool = False,
-            z_buffer: Sequence[torch.Tensor] | None = None,
-            workers: int | None = None) -> float | None:
+            batch: Mapping[str, torch.Tensor], seed: int, eps: float, lr: float, *,
+            keep_z: bool = False, z_buffer: Sequence[torch.Tensor] | None = None,
+            workers: int | None = None) -> ZOStep | None:
     """One ZO-SGD step on ``params`` (the model's trainable parameters, in index order).
 
-    Returns g, or None when L⁺ or L⁻ is not finite: then θ is restored with +εz and nothing is
-    updated (the step is skipped). If ``losses`` is given, (L⁺ + L⁻) / 2 of a taken step is
-    appended to it, for the reported train loss.
+    Returns (g, (L⁺ + L⁻) / 2), or None when L⁺ or L⁻ is not finite: then θ is restored with
+    +εz and nothing is updated (the step is skipped).
 
     ``keep_z``: draw z once and keep it (see the module doc); ``z_buffer`` (shaped like
     ``params``, float32, from :func:`~fedtune.zo.perturb.new_z_buffer`) avoids allocating it
@@ -58,15 +64,15 @@ def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
     """
     if model.training:
         raise RuntimeError("zo_step needs the model in eval() mode (dropout off)")
-    return zo_step_on(lambda: zo_loss(model, batch), params, seed, eps, lr, losses,
+    return zo_step_on(lambda: zo_loss(model, batch), params, seed, eps, lr,
                       keep_z=keep_z, z_buffer=z_buffer, workers=workers)
 
 
 @torch.no_grad()
 def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], seed: int,
-               eps: float, lr: float, losses: list[float] | None = None, *,
-               keep_z: bool = False, z_buffer: Sequence[torch.Tensor] | None = None,
-               workers: int | None = None) -> float | None:
+               eps: float, lr: float, *, keep_z: bool = False,
+               z_buffer: Sequence[torch.Tensor] | None = None,
+               workers: int | None = None) -> ZOStep | None:
     """:func:`zo_step` for any scalar ``objective`` of ``params`` (evaluated at θ ± εz; it must
     be deterministic, e.g. a model in ``eval()`` mode on a fixed batch): the language-model loss
     on devices, the distillation loss on a FedPT server."""
@@ -76,13 +82,13 @@ def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], s
                 a.shape != b.shape for a, b in zip(z, params, strict=True)):
             raise ValueError("z_buffer must hold one tensor shaped like each parameter")
         fill_z_(z, seed, workers=workers)
-        return _two_point(objective, eps, lr, losses, lambda scale: add_z_(params, z, scale))
-    return _two_point(objective, eps, lr, losses,
+        return _two_point(objective, eps, lr, lambda scale: add_z_(params, z, scale))
+    return _two_point(objective, eps, lr,
                       lambda scale: perturb_(params, seed, scale, workers=workers))
 
 
 def _two_point(objective: Callable[[], float], eps: float, lr: float,
-               losses: list[float] | None, move: Callable[[float], None]) -> float | None:
+               move: Callable[[float], None]) -> ZOStep | None:
     """The step itself, ``move(scale)`` adding scale·z in place."""
     move(eps)
     loss_plus = objective()
@@ -92,7 +98,5 @@ def _two_point(objective: Callable[[], float], eps: float, lr: float,
         move(eps)
         return None
     g = (loss_plus - loss_minus) / (2.0 * eps)
-    move(eps - lr * g)  # restore and update fused, as restore_and_update_
-    if losses is not None:
-        losses.append(0.5 * (loss_plus + loss_minus))
-    return g
+    move(eps - lr * g)  # restore and update fused: θ₀ − εz + (ε − lr·g) z = θ₀ − lr·g·z
+    return ZOStep(g, 0.5 * (loss_plus + loss_minus))

@@ -81,13 +81,12 @@ def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool:
     z_buffer = new_z_buffer(params) if keep_z else None
 
     def step(i: int, batch: dict[str, torch.Tensor]) -> float | None:
-        losses: list[float] = []
-        g = zo_step(model, params, to_device(batch, model), pool[indices[i]], eps, lr, losses,
-                    keep_z=keep_z, z_buffer=z_buffer)
-        if g is None:
+        taken = zo_step(model, params, to_device(batch, model), pool[indices[i]], eps, lr,
+                        keep_z=keep_z, z_buffer=z_buffer)
+        if taken is None:
             return None
-        stats.add(indices[i], g, clip)
-        return losses[0]
+        stats.add(indices[i], taken.g, clip)
+        return taken.loss
 
     res = run_steps(model, examples, steps=tau, batch_size=batch_size, seed=seed,
                     collate=lambda b: collate(b, pad_id), step=step, train_mode=False,

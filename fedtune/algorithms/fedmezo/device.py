@@ -36,10 +36,8 @@ def local_mezo_train(model: torch.nn.Module, params: Sequence[torch.Tensor],
     fresh = draw_fresh_seeds(tau, seed)
 
     def step(i: int, batch: dict[str, torch.Tensor]) -> float | None:
-        losses: list[float] = []
-        if zo_step(model, params, to_device(batch, model), fresh[i], eps, lr, losses) is None:
-            return None
-        return losses[0]
+        taken = zo_step(model, params, to_device(batch, model), fresh[i], eps, lr)
+        return None if taken is None else taken.loss
 
     res = run_steps(model, examples, steps=tau, batch_size=batch_size, seed=seed,
                     collate=lambda b: collate(b, pad_id), step=step, train_mode=False,

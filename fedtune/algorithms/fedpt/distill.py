@@ -154,12 +154,11 @@ def distill_zo(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Seq
             s, t = _student_logits(model, batch, pad_id, vocab_size)
             return float(kl_to_teacher(t, s, temperature, loss))
 
-        losses: list[float] = []
-        g = zo_step_on(objective, params, pool[indices[i]], eps, lr, losses)
-        if g is None:
+        taken = zo_step_on(objective, params, pool[indices[i]], eps, lr)
+        if taken is None:
             return None
-        sums[indices[i]] = sums.get(indices[i], 0.0) + g
-        return losses[0]
+        sums[indices[i]] = sums.get(indices[i], 0.0) + taken.g
+        return taken.loss
 
     res = run_steps(model, targets, steps=steps, batch_size=batch_size, seed=seed, collate=list,
                     step=step, train_mode=False, what="ZO distillation")

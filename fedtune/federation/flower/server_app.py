@@ -26,6 +26,7 @@ from fedtune.algorithms.base import Device, Server
 from fedtune.config import load_config
 from fedtune.federation.config import FederationConfig
 from fedtune.federation.flower.engine import FlowerEngine
+from fedtune.logsetup import configure_logging
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -85,8 +86,6 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "absl", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging()
     summary = serve(grid, dict(context.run_config))
     log.info("fedtune run finished: %s", summary.get("run_dir"))
