@@ -15,14 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fedtune.configbase import ConfigError
 from fedtune.models import pretrain_cli
 from fedtune.models.loading import base_model_path, resolve_model_source
-from fedtune.models.pretrain import (
-    PretrainConfig,
-    learning_rate,
-    load_corpus,
-    pretrain,
-    split_documents,
-    val_block_starts,
-)
+from fedtune.models.pretrain import PretrainConfig, learning_rate, pretrain
+from fedtune.models.pretrain_data import load_corpus, split_documents, val_block_starts
 
 WORDS = ("the cat sat on the mat . a dog ran in the park . birds sing at dawn . rain falls on "
          "the roof . children play by the river . the sun sets over hills .").split()

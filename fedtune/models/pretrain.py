@@ -1,6 +1,7 @@
 """Pre-train a byte-level BPE tokenizer and a Llama-style causal LM from scratch on a text corpus.
 
-One recipe, read top to bottom (nanoGPT style), in :func:`pretrain`:
+One recipe, read top to bottom (nanoGPT style), in :func:`pretrain` (the corpus steps 1, 2 and 4
+live in :mod:`.pretrain_data`):
 
 1. load the corpus: ``.jsonl`` / ``.jsonl.gz`` files with a ``text`` field (one document per
    line, named by its ``file``/``id``/``name``/``title`` field or ``<file>:<line>``) and ``.txt``
@@ -24,14 +25,11 @@ with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +45,12 @@ from transformers import (
 )
 
 from fedtune.configbase import ConfigError, check, option
+from fedtune.models.pretrain_data import (
+    load_corpus,
+    split_documents,
+    token_stream,
+    val_block_starts,
+)
 from fedtune.models.tiny import tiny_llama_config, train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -56,7 +60,6 @@ PRESETS: dict[str, dict[str, int]] = {
     "large": {"hidden_size": 256, "num_layers": 6, "num_heads": 8},
 }
 CHECKPOINT_FILE = "checkpoint.pt"
-NAME_FIELDS = ("file", "id", "name", "title")
 
 
 @dataclass
@@ -117,112 +120,6 @@ class PretrainConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(bool(self.val_docs) or self.val_count >= 1, "val_count", self.val_count,
               "must be >= 1 when no val_docs are named (validation needs held-out documents)")
-
-
-@dataclass
-class Document:
-    name: str
-    text: str
-
-
-# ----------------------------------------------------------------------------------------------
-# 1. Corpus
-
-
-def _corpus_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.is_file()
-                 and (p.name.endswith((".jsonl", ".jsonl.gz", ".txt")))]
-        if files:
-            return files
-        raise FileNotFoundError(f"no .jsonl, .jsonl.gz or .txt files under {path}")
-    raise FileNotFoundError(f"corpus {path} does not exist")
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[Document]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            text = obj.get(text_field) if isinstance(obj, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: no string field {text_field!r}")
-            name = next((str(obj[k]) for k in NAME_FIELDS if obj.get(k)), f"{path.name}:{lineno}")
-            yield Document(name, text)
-
-
-def load_corpus(corpus: str | Path, text_field: str = "text") -> list[Document]:
-    """Every non-empty document of the corpus, in file order; names must be unique."""
-    root = Path(corpus)
-    docs: list[Document] = []
-    for file in _corpus_files(root):
-        if file.name.endswith((".jsonl", ".jsonl.gz")):
-            docs.extend(_jsonl_documents(file, text_field))
-        else:
-            name = str(file.relative_to(root)) if root.is_dir() else file.name
-            docs.append(Document(name, file.read_text(encoding="utf-8")))
-    docs = [d for d in docs if d.text.strip()]
-    seen: set[str] = set()
-    for d in docs:
-        if d.name in seen:
-            raise ValueError(f"document name {d.name!r} occurs twice in {corpus}")
-        seen.add(d.name)
-    if len(docs) < 2:
-        raise ValueError(f"corpus {corpus} has {len(docs)} document(s); need at least 2 "
-                         "(some are held out for validation)")
-    return docs
-
-
-# ----------------------------------------------------------------------------------------------
-# 2. Held-out documents
-
-
-def split_documents(
-    docs: list[Document], names: list[str], count: int, seed: int
-) -> tuple[list[Document], list[Document]]:
-    """``(train, val)``: the documents named, or else ``count`` drawn by ``seed``; order kept."""
-    all_names = [d.name for d in docs]
-    if names:
-        missing = [n for n in names if n not in all_names]
-        if missing:
-            raise ConfigError("val_docs", missing, f"not in the corpus; e.g. {all_names[:5]}")
-        held = set(names)
-    else:
-        if count >= len(docs):
-            raise ConfigError("val_count", count, f"must be < the {len(docs)} documents")
-        held = set(random.Random(seed).sample(all_names, count))
-    return [d for d in docs if d.name not in held], [d for d in docs if d.name in held]
-
-
-# ----------------------------------------------------------------------------------------------
-# 3-4. Tokenizer and token stream
-
-
-def token_stream(tokenizer: PreTrainedTokenizerBase, docs: list[Document]) -> np.ndarray:
-    """All documents as one token stream, EOS after each document (uint16 when it fits)."""
-    eos = tokenizer.eos_token_id
-    backend = tokenizer.backend_tokenizer  # type: ignore[attr-defined]
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.int32
-    parts: list[np.ndarray] = []
-    for i in range(0, len(docs), 8):
-        for enc in backend.encode_batch([d.text for d in docs[i:i + 8]],
-                                        add_special_tokens=False):
-            parts.append(np.asarray(enc.ids + [eos], dtype=dtype))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-
-
-def val_block_starts(n_tokens: int, block_size: int, n_blocks: int) -> list[int]:
-    """Fixed, evenly spaced starts of up to ``n_blocks`` held-out blocks of ``block_size + 1``."""
-    span = n_tokens - (block_size + 1)
-    if span < 0:
-        raise ValueError(f"the held-out documents have {n_tokens} tokens, fewer than one block "
-                         f"of {block_size + 1}: hold out more or lower block_size")
-    n = min(n_blocks, span // (block_size + 1) + 1)
-    return [round(i * span / max(1, n - 1)) if n > 1 else 0 for i in range(n)]
 
 
 # ----------------------------------------------------------------------------------------------
