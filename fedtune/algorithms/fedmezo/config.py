@@ -15,6 +15,7 @@ eval loss of rounds 0..4, fp32 CPU): lr 1e-3 6.298 -> 6.272 (barely moves), 3e-3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fedtune.configbase import check, option
 
@@ -30,7 +31,12 @@ class FedMeZOConfig:
                                 "same batch).")
 
     def validate(self, prefix: str) -> None:
-        check(self.tau >= 1, f"{prefix}.tau", self.tau, "must be >= 1")
-        check(self.zo_eps > 0, f"{prefix}.zo_eps", self.zo_eps, "must be > 0")
-        check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
-        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        validate_zo_local(self, prefix)
+
+
+def validate_zo_local(cfg: FedMeZOConfig | Any, prefix: str) -> None:
+    """The checks of a fresh-seed ZO section (``[algorithm.fedmezo]``, ``[algorithm.fedzo]``)."""
+    check(cfg.tau >= 1, f"{prefix}.tau", cfg.tau, "must be >= 1")
+    check(cfg.zo_eps > 0, f"{prefix}.zo_eps", cfg.zo_eps, "must be > 0")
+    check(cfg.lr > 0, f"{prefix}.lr", cfg.lr, "must be > 0")
+    check(cfg.batch_size >= 1, f"{prefix}.batch_size", cfg.batch_size, "must be >= 1")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.configbase import check, option
+from fedtune.algorithms.fedmezo.config import validate_zo_local
+from fedtune.configbase import option
 
 
 @dataclass
@@ -17,7 +18,4 @@ class FedZOConfig:
     batch_size: int = option(4, "Examples per zeroth-order step.")
 
     def validate(self, prefix: str) -> None:
-        check(self.tau >= 1, f"{prefix}.tau", self.tau, "must be >= 1")
-        check(self.zo_eps > 0, f"{prefix}.zo_eps", self.zo_eps, "must be > 0")
-        check(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
-        check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
+        validate_zo_local(self, prefix)
