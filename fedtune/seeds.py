@@ -1,46 +1,52 @@
-"""Every random stream of a run, derived in one place from (run seed, purpose, round, client).
+"""Every random stream of a run, derived in one place from (seed, purpose, round, client).
 
-The scheme: a stream is numpy's ``SeedSequence([root, PURPOSES[purpose], *indices])``, where
-``root`` is the run seed (``federation.seed``; for FedPT's server steps ``distill_seed``; for the
-FedKSeed pool ``algorithm.fedkseed.seed``) and ``indices`` the round and the client id where the
-purpose has them. A client's streams hang below its client seed, itself the stream
-``("client", round, client)`` of the run seed, so a device that is sent only its client seed
-derives every stream it needs (batches, dropout, ZO seeds) without knowing the run seed.
+The scheme: a stream is numpy's ``SeedSequence(entropy)`` with
 
-The purpose codes are fixed numbers, never reordered (a new purpose takes the next number): a
-purpose's stream does not change when another purpose is added. Nothing here reads global RNG
-state, so a resumed run draws exactly what an uninterrupted one would have.
+    entropy = [root, *indices, *TAGS[purpose]]
 
-=================  ====  ==========================================  =========================
-purpose            code  root, indices                               used for
-=================  ====  ==========================================  =========================
-``clients``        1     run seed, round                             which clients a round samples
-``client``         2     run seed, round, client                     the client seed
-``batches``        3     client seed                                 local batch order
-``dropout``        4     client seed                                 torch seed of local dropout
-``seed-indices``   5     client seed                                 FedKSeed's pool indices
-``fresh-seeds``    6     client seed                                 MeZO / FedZO perturbation seeds
-``distill-prompts`` 7    distill seed, round                         FedPT's distillation prompts
-``distill-steps``  8     distill seed, round                         FedPT's distillation batches
-``pool``           9     FedKSeed seed, K                            the K seeds of the pool
-=================  ====  ==========================================  =========================
+``root`` is the run seed (``federation.seed``), a client seed, FedPT's ``distill_seed`` or
+FedKSeed's pool seed (``algorithm.fedkseed.seed``); ``indices`` are the round and the client id
+where the purpose has them. A client's streams hang below its client seed, itself the stream
+``client`` of (run seed, round, client), so a device that is sent only its client seed derives
+every stream it needs without knowing the run seed. Each purpose's tag is fixed for good (a new
+purpose takes a new tag, so adding one never changes another's stream); the five purposes that
+predate this table have short or empty tags, which keeps every earlier run reproducible.
+
+=================== ========================  =====  ==========================================
+purpose             root, indices             tag    used for
+=================== ========================  =====  ==========================================
+``clients``         run seed, round           ()     which clients a round samples
+``client``          run seed, round, client   ()     the client seed (first 32-bit word)
+``batches``         client seed               ()     local batch order (epoch-wise reshuffles)
+``seed-indices``    client seed               (1,)   FedKSeed's pool indices (and FedPT's ZO
+                                                     distillation's, from its step seed)
+``fresh-seeds``     client seed               (2,)   MeZO / FedZO perturbation seeds
+``pool``            FedKSeed seed, K          ()     the K seeds of the pool (63-bit words)
+``distill-prompts`` distill seed, round       (7,)   FedPT's distillation prompts
+``distill-steps``   distill seed, round       (8,)   FedPT's distillation step seed
+=================== ========================  =====  ==========================================
+
+Dropout during local training is seeded with the client seed itself (``torch.manual_seed`` in a
+forked RNG). Nothing here reads global RNG state, so a resumed run draws exactly what an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PURPOSES = {"clients": 1, "client": 2, "batches": 3, "dropout": 4, "seed-indices": 5,
-            "fresh-seeds": 6, "distill-prompts": 7, "distill-steps": 8, "pool": 9}
+TAGS: dict[str, tuple[int, ...]] = {
+    "clients": (), "client": (), "batches": (), "seed-indices": (1,), "fresh-seeds": (2,),
+    "pool": (), "distill-prompts": (7,), "distill-steps": (8,)}
 
 
 def sequence(root: int, purpose: str, *indices: int) -> np.random.SeedSequence:
     """The ``SeedSequence`` of one stream (see the module table)."""
-    if purpose not in PURPOSES:
-        raise ValueError(f"unknown seed purpose {purpose!r}; add it to fedtune.seeds.PURPOSES")
+    if purpose not in TAGS:
+        raise ValueError(f"unknown seed purpose {purpose!r}; add it to fedtune.seeds.TAGS")
     if root < 0 or any(i < 0 for i in indices):
         raise ValueError(f"seed parts must be >= 0, got {root} and {indices}")
-    return np.random.SeedSequence([int(root), PURPOSES[purpose], *map(int, indices)])
+    return np.random.SeedSequence([int(root), *map(int, indices), *TAGS[purpose]])
 
 
 def rng(root: int, purpose: str, *indices: int) -> np.random.Generator:
@@ -49,7 +55,7 @@ def rng(root: int, purpose: str, *indices: int) -> np.random.Generator:
 
 
 def derive(root: int, purpose: str, *indices: int) -> int:
-    """One 63-bit integer seed of a stream (a client seed, a torch seed)."""
+    """One 63-bit integer seed of a stream."""
     return int(sequence(root, purpose, *indices).generate_state(1, np.uint64)[0]) >> 1
 
 
@@ -63,7 +69,7 @@ def sample_clients(num_clients: int, k: int, seed: int, round_: int) -> list[int
 
 def client_seed(seed: int, round_: int, client_id: int) -> int:
     """The seed of one client's local randomness in one round."""
-    return derive(seed, "client", round_, client_id)
+    return int(sequence(seed, "client", round_, client_id).generate_state(1)[0])
 
 
 def seed_pool(seed: int, k_seeds: int) -> list[int]:

@@ -22,6 +22,17 @@ SMALL = [
     "model.path=tiny", "model.tiny_vocab_size=300", "algorithm.lr=0.003",
 ]
 
+# Golden values: fp32 on CPU, torch 2.13.0, unchanged since before the method contract. They pin
+# the whole pipeline (data generation, partition, tokenizer training, model init, sampling, local
+# training, aggregation, evaluation).
+GOLDEN = {
+    "fedavg": {"train_loss": [5.587761869033177, 5.253327832077488],
+               "eval_loss": [5.7178473839393025, 5.34581287090595, 5.058587294358474]},
+    "fedit": {"train_loss": [5.728035062551498, 5.654075348015987],
+              "eval_loss": [5.7178473839393025, 5.68113767183744, 5.5907716017503]},
+}
+
+
 def run_cli(out: Path, *extra: str) -> int:
     return conftest.run_cli(out, *SMALL, *extra)
 
@@ -32,7 +43,10 @@ def test_two_rounds_through_the_cli(tmp_path, algorithm):
     assert run_cli(out, f"algorithm.name={algorithm}") == 0
     r = rows(out)
     assert [x["round"] for x in r] == [0, 1, 2]
-    # (golden losses of every method: tests/test_method_contract.py)
+    train = [x["train_loss"] for x in r[1:]]
+    evals = [x["eval_loss"] for x in r]
+    assert train == pytest.approx(GOLDEN[algorithm]["train_loss"], rel=1e-4)
+    assert evals == pytest.approx(GOLDEN[algorithm]["eval_loss"], rel=1e-4)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algorithm"] == algorithm and summary["rounds"] == 2

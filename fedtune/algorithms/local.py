@@ -4,8 +4,8 @@ Every method's local training is this loop with its own step: backprop (FedAvg, 
 prompt methods), a two-point zeroth-order step (FedKSeed, FedMeZO, FedZO) or a distillation step
 (FedPT's server). The loop owns what they share: batches drawn by an epoch-wise seeded reshuffle
 (the ``batches`` stream of :mod:`fedtune.seeds`), the model's mode (``train`` for dropout,
-``eval`` where both forwards of a ZO step must see one function), dropout seeded from the
-``dropout`` stream in a forked torch RNG (global RNG state is never touched), steps whose loss is
+``eval`` where both forwards of a ZO step must see one function), dropout seeded with the
+client seed in a forked torch RNG (global RNG state is never touched), steps whose loss is
 not finite skipped and counted, and the mean loss of the taken steps.
 """
 
@@ -61,7 +61,7 @@ def run_steps(model: torch.nn.Module, items: Sequence[T], *, steps: int, batch_s
     model.train(train_mode)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seeds.derive(seed, "dropout"))
+            torch.manual_seed(seed)  # dropout: the client seed itself (fedtune.seeds)
             for i in range(steps):
                 loss = step(i, collate([items[j] for j in next(batches)]))
                 if loss is None or not math.isfinite(loss):
