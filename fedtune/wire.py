@@ -27,6 +27,12 @@ class MessageError(ValueError):
     """A message that failed validation; it must not reach the global state."""
 
 
+# A reported train loss (mean token cross-entropy) outside [0, MAX_LOSS] is refused: a uniform
+# guess over a 10^6-token vocabulary costs 13.8 nats, so no honest device reports 10^4, and a
+# bound keeps the round's logged mean finite whatever one client claims.
+MAX_LOSS = 1e4
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """What a payload must hold: name -> (shape, dtype)."""
@@ -63,8 +69,8 @@ def read_metadata(data: bytes) -> dict[str, str]:
         raise MessageError(f"header length {n} exceeds the payload ({len(data)} bytes)")
     try:
         header = json.loads(data[8:8 + n])
-    except ValueError as e:
-        raise MessageError(f"malformed header: {e}") from e
+    except (ValueError, RecursionError) as e:  # e.g. a header nested 1,000 deep
+        raise MessageError(f"malformed header: {type(e).__name__}") from e
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
     if not isinstance(meta, dict):
         raise MessageError("malformed metadata")
@@ -112,8 +118,9 @@ def meta_int(meta: Mapping[str, str], key: str, *, lo: int, hi: int) -> int:
     return value
 
 
-def meta_float(meta: Mapping[str, str], key: str) -> float:
-    """A finite float metadata field, or MessageError."""
+def meta_float(meta: Mapping[str, str], key: str, *, lo: float = -math.inf,
+               hi: float = math.inf) -> float:
+    """A finite float metadata field in [lo, hi], or MessageError."""
     try:
         value = float(meta[key])
     except KeyError as e:
@@ -122,6 +129,8 @@ def meta_float(meta: Mapping[str, str], key: str) -> float:
         raise MessageError(f"metadata field {key!r} = {meta[key]!r} is not a number") from e
     if not math.isfinite(value):
         raise MessageError(f"metadata field {key!r} = {value} is not finite")
+    if not lo <= value <= hi:
+        raise MessageError(f"metadata field {key!r} = {value} is outside [{lo}, {hi}]")
     return value
 
 

@@ -96,3 +96,51 @@ def test_server_aggregates_sample_weighted():
     server.accept(Reply(1, 3, 0.0, {"w": torch.tensor([0.0, 8.0])}).encode())
     server.end_round()
     assert torch.equal(server.theta["w"], torch.tensor([1.0, 6.0]))
+
+
+# -- hostile but well-formed, or crafted to crash the decoder -------------------------------------
+
+
+def test_a_header_nested_1000_deep_is_refused_not_a_crash():
+    header = ("[" * 1000 + "]" * 1000).encode()
+    data = len(header).to_bytes(8, "little") + header
+    with pytest.raises(MessageError, match="malformed header"):
+        Reply.decode(data, SPEC, expect_round=1)
+
+
+@pytest.mark.parametrize("loss", [1e308, -1.0, 1e5])
+def test_an_impossible_train_loss_is_refused(loss):
+    data = Reply(1, 3, loss, TENSORS).encode()
+    with pytest.raises(MessageError, match="train_loss"):
+        Reply.decode(data, SPEC, expect_round=1)
+
+
+def test_fedkseed_reply_with_an_impossible_train_loss_is_refused():
+    from fedtune.algorithms.fedkseed.wire import Reply as FKSReply
+
+    good = FKSReply(1, 3, 2.5, torch.tensor([0], dtype=torch.int32), torch.tensor([1.0]))
+    FKSReply.decode(good.encode(16), 16, False, 1.0, expect_round=1)
+    bad = FKSReply(1, 3, 1e30, torch.tensor([0], dtype=torch.int32), torch.tensor([1.0]))
+    with pytest.raises(MessageError, match="train_loss"):
+        FKSReply.decode(bad.encode(16), 16, False, 1.0, expect_round=1)
+
+
+def test_a_reply_that_is_not_bytes_or_crashes_the_decoder_is_counted_and_the_round_goes_on():
+    from fedtune.federation.engine import RoundResult
+
+    class Exploding:
+        name = "test"
+
+        def accept(self, payload):
+            raise RecursionError("a decoder bug a hostile payload found")
+
+    server = FedAvgServer("fedavg", TENSORS)
+    server.begin_round(1)
+    res = RoundResult(1, [0, 1, 2])
+    res.fold_reply(server, 0, None)  # type: ignore[arg-type]
+    res.fold_reply(Exploding(), 1, b"x")  # type: ignore[arg-type]
+    res.fold_reply(server, 2, Reply(1, 3, 0.5, TENSORS).encode())
+    assert (res.rejected, len(res.losses)) == (2, 1)
+    assert res.train_loss == 0.5
+    server.end_round()
+    assert all(torch.equal(server.theta[k], v) for k, v in TENSORS.items())

@@ -35,14 +35,30 @@ class RoundResult:
     failed: int = 0
     wall_s: float = 0.0
 
-    def fold_reply(self, server: Server, client_id: int, payload: bytes) -> None:
+    def fold_reply(self, server: Server, client_id: int, payload: object) -> None:
         """Count one reply's bytes and fold it into the server's aggregate; a reply that fails
-        validation is logged, counted as rejected and never reaches the global state."""
+        validation is logged, counted as rejected and never reaches the global state.
+
+        Whatever a reply makes the decoder raise, the federation goes on: a ``MessageError`` is a
+        refusal, anything else (a decoder bug a hostile payload found) is logged with its
+        traceback and counted as rejected too. Decoding validates before any value is folded.
+        """
+        if not isinstance(payload, (bytes, bytearray)):
+            log.warning("round %d: reply of client %d rejected: a %s, not bytes", self.round,
+                        client_id, type(payload).__name__)
+            self.bytes_up.append(0)
+            self.rejected += 1
+            return
         self.bytes_up.append(len(payload))
         try:
-            info = server.accept(payload)
+            info = server.accept(bytes(payload))
         except MessageError as e:
             log.warning("round %d: reply of client %d rejected: %s", self.round, client_id, e)
+            self.rejected += 1
+            return
+        except Exception:  # noqa: BLE001 - one client must not stop the federation
+            log.exception("round %d: reply of client %d rejected: the decoder failed",
+                          self.round, client_id)
             self.rejected += 1
             return
         self.losses.append((info.train_loss, info.num_samples))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.wire import (
+    MAX_LOSS,
     TensorSpec,
     decode_tensors,
     encode_tensors,
@@ -64,4 +65,4 @@ class Reply:
         meta_str(meta, "kind", "fedavg.reply")
         round_ = meta_int(meta, "round", lo=expect_round, hi=expect_round)
         return cls(round_, meta_int(meta, "num_samples", lo=1, hi=MAX_SAMPLES),
-                   meta_float(meta, "train_loss"), tensors)
+                   meta_float(meta, "train_loss", lo=0.0, hi=MAX_LOSS), tensors)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedtune.wire import MessageError
+from fedtune.wire import MAX_LOSS, MessageError
 
 DOWN_MAGIC = b"FKS\x01"
 UP_MAGIC = b"FKS\x02"
@@ -210,8 +210,8 @@ class Reply:
             raise MessageError(f"reply declares {n} seeds; must be in [1, {k_seeds}]")
         if num_samples < 1:
             raise MessageError("num_samples must be >= 1")
-        if not np.isfinite(train_loss):
-            raise MessageError(f"train_loss {train_loss} is not finite")
+        if not (np.isfinite(train_loss) and 0.0 <= train_loss <= MAX_LOSS):
+            raise MessageError(f"train_loss {train_loss} is not a loss in [0, {MAX_LOSS:g}]")
         idt = index_dtype(k_seeds)
         _check_length(data, _UP.size + n * (idt.itemsize + 4 + (6 if pro else 0)))
         r = _Reader(data, _UP.size)
