@@ -88,7 +88,7 @@ def base_model_path(cfg: RunConfig, run_dir: Path, texts: list[str]) -> str:
     if m.path != "tiny":
         return m.path
     out = run_dir / "base_model"
-    if not (out / "config.json").is_file():
+    if not ((out / "config.json").is_file() and (out / "tokenizer.json").is_file()):
         log.info("building a tiny random Llama-style base model in %s", out)
         build_tiny_model(texts, out, vocab_size=m.tiny_vocab_size, hidden_size=m.tiny_hidden_size,
                          num_layers=m.tiny_layers, num_heads=m.tiny_heads,

@@ -180,3 +180,58 @@ def test_engine_drops_bad_replies_and_failed_clients(tmp_path, monkeypatch):
     r = rows(out)[1]
     assert (r["accepted"], r["rejected"], r["failed"]) == (1, 1, 1)
     assert len(r["clients"]) == 3
+
+
+@pytest.mark.parametrize("damage", ["nan", "altered"])
+def test_a_damaged_checkpoint_is_refused_never_resumed(tmp_path, interrupt_at_round, capsys,
+                                                       damage):
+    """A valid safetensors file with NaN in it, or with one value changed, is refused: resuming
+    would export a non-finite or a different model."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    interrupt_at_round(2)
+    assert run_cli(broken, "algorithm.name=fedkseed", "federation.rounds=2") == 130
+    interrupt_at_round(None)
+    meta = json.loads((broken / "checkpoint" / "engine.json").read_text())
+    state_file = broken / "checkpoint" / meta["state_file"]
+    state = load_file(str(state_file))
+    acc = state["accumulators"].clone()
+    acc[0] = float("nan") if damage == "nan" else acc[0] + 1.0
+    state["accumulators"] = acc
+    if damage == "nan":  # a consistent checksum: only the finiteness check can catch it
+        save_file(state, str(state_file))
+        import hashlib
+
+        meta["state_sha256"] = hashlib.sha256(state_file.read_bytes()).hexdigest()
+        (broken / "checkpoint" / "engine.json").write_text(json.dumps(meta))
+    else:
+        save_file(state, str(state_file))
+    capsys.readouterr()
+    assert main(["run", "--quiet", "--resume", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert ("non-finite" in err) if damage == "nan" else ("checksum" in err), err
+    assert not (broken / "model").exists()
+    assert [x["round"] for x in rows(broken)] == [0, 1]  # nothing was appended
+
+
+def test_a_tiny_model_is_built_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Killed while the tiny base model is written: no half model directory is left where a
+    later run would take it for a complete one."""
+    from transformers import PreTrainedTokenizerFast
+
+    from fedtune.models.tiny import TEST_SENTENCES, build_tiny_model
+
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", crash)
+    out = tmp_path / "base_model"
+    with pytest.raises(KeyboardInterrupt):
+        build_tiny_model(TEST_SENTENCES, out, vocab_size=300, hidden_size=16, num_layers=1,
+                         num_heads=2, max_positions=64, seed=0)
+    assert not out.exists()
+    monkeypatch.undo()
+    build_tiny_model(TEST_SENTENCES, out, vocab_size=300, hidden_size=16, num_layers=1,
+                     num_heads=2, max_positions=64, seed=0)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
