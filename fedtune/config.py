@@ -45,6 +45,18 @@ class OutputConfig:
         pass
 
 
+def _seed_fields(obj: Any, prefix: str) -> list[tuple[str, int]]:
+    """Every integer field named ``seed`` or ``*_seed``, by dotted key, at any depth."""
+    out: list[tuple[str, int]] = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out += _seed_fields(value, key + ".")
+        elif (f.name == "seed" or f.name.endswith("_seed")) and isinstance(value, int):
+            out.append((key, value))
+    return out
+
+
 @dataclass
 class RunConfig:
     data: DataConfig = section(DataConfig, "Where the records come from and how they split.")
@@ -57,6 +69,8 @@ class RunConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate(f.name)
+        for key, value in _seed_fields(self, ""):  # numpy's seeding refuses negatives, late
+            check(value >= 0, key, value, "a seed must be >= 0")
         per_round = self.federation.clients_in_round(self.data.num_clients)
         key = ("federation.client_fraction" if self.federation.client_fraction > 0
                else "federation.clients_per_round")

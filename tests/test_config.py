@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,10 @@ def test_every_field_has_help():
     assert len(rows) > 30
     for key, _tp, _default, help_text in rows:
         assert help_text.strip(), key
+
+
+@pytest.mark.parametrize("key", ["federation.seed", "data.seed", "evaluation.seed",
+                                 "algorithm.fedkseed.seed", "algorithm.fedpt.distill_seed"])
+def test_a_negative_seed_is_refused_before_any_work(key):
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*-1.*seed must be >= 0"):
+        load_config(None, [f"{key}=-1"])
