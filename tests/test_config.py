@@ -90,5 +90,5 @@ def test_every_field_has_help():
 @pytest.mark.parametrize("key", ["federation.seed", "data.seed", "evaluation.seed",
                                  "algorithm.fedkseed.seed", "algorithm.fedpt.distill_seed"])
 def test_a_negative_seed_is_refused_before_any_work(key):
-    with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*-1.*seed must be >= 0"):
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}.*-1.*must be >= 0"):
         load_config(None, [f"{key}=-1"])
