@@ -140,6 +140,10 @@ def test_load_jsonl(tmp_path: Path) -> None:
         load_jsonl(path, {"instruction": "q"})
     with pytest.raises(DataError, match="unknown record field 'answer'"):
         load_jsonl(path, {"instruction": "q", "output": "a", "answer": "a"})
+    # input is optional: a map without it gives records with an empty input
+    got = load_jsonl(path, {"instruction": "q", "output": "a", "category": "topic"})
+    assert [(r.instruction, r.input, r.output, r.category) for r in got] == [
+        ("Capital of France?", "", "Paris", "geo"), ("2 * 3?", "", "6", "math")]
 
 
 def test_load_hub_local_json(tmp_path: Path) -> None:

@@ -134,7 +134,7 @@ def _make_record(row: Any, fields: Mapping[str, str]) -> Record | str:
     """The record ``fields`` maps out of ``row``, or the reason it is bad (a str)."""
     if not isinstance(row, Mapping):
         return f"expected a JSON object, got {type(row).__name__}"
-    values: dict[str, str] = {}
+    values = dict.fromkeys(RECORD_FIELDS, "")  # optional fields the map leaves out stay empty
     for name, key in fields.items():
         raw = row.get(key)
         text = _as_text(raw)
