@@ -109,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_source(path: Path, cache_dir: str | None = None) -> str:
+    """What ``fedtune eval`` / ``generate`` load: a run directory's export, a model directory,
+    or any model name ``model.path`` accepts (checked before any work)."""
+    from fedtune.models.loading import check_model_source
+
+    try:
+        return str(_model_dir(path))
+    except FileNotFoundError:
+        if path.is_dir():
+            raise
+    check_model_source(str(path), cache_dir)
+    return str(path)
+
+
 def _model_dir(path: Path) -> Path:
     """A run directory's exported model, or ``path`` itself if it is a model directory."""
     if (path / "model" / "config.json").is_file():
@@ -132,6 +146,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner.resume(Path(args.resume), progress=not args.quiet)
         return 0
     cfg = load_config(args.config, args.overrides)
+    from fedtune.models.loading import check_model_source
+
+    check_model_source(cfg.model.path, cfg.model.cache_dir or None)  # before any work
     out = Path(args.out or cfg.output.dir or
                f"runs/{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (out / "metrics.jsonl").exists():
@@ -154,17 +171,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg_file = args.config or (str(path / "config.toml") if (path / "config.toml").is_file()
                                else None)
     cfg = load_config(cfg_file, args.overrides)
+    proxy = not args.small and manifest_path(path) is not None  # FedPT: the proxy-tuned model
+    source = "" if proxy else _model_source(path, cfg.model.cache_dir or None)  # before any work
     ThreadPolicy(cfg.model.threads)
     data = build_federated_data(cfg.data)
     ev = cfg.evaluation
     records = select_eval_records(data.eval, ev.max_examples, ev.seed)
-    if not args.small and manifest_path(path) is not None:  # FedPT: the proxy-tuned large model
+    if proxy:
         from fedtune.algorithms.fedpt.product import evaluate_product
 
         scores = evaluate_product(path, records, cfg, large_url=args.large_url)
     else:
-        model, tok = load_model_and_tokenizer(str(_model_dir(path)), cfg.model.dtype,
-                                              cfg.model.device)
+        model, tok = load_model_and_tokenizer(source, cfg.model.dtype, cfg.model.device,
+                                              cache_dir=cfg.model.cache_dir or None)
         scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,
                           batch_size=ev.batch_size, max_length=cfg.data.max_length,
                           template=cfg.data.template, progress=True)
@@ -192,7 +211,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # a run directory prompts in its own template; a bare model directory in 'auto'
     template = (load_config(path / "config.toml").data.template
                 if (path / "config.toml").is_file() else "auto")
-    model, tok = load_model_and_tokenizer(str(_model_dir(path)), "float32", "auto")
+    model, tok = load_model_and_tokenizer(_model_source(path), "float32", "auto")
     ids = encode_prompt(tok, args.prompt) if args.raw else prompt_ids(record, tok, template)
     print(greedy_generate_ids(model, tok, [ids], max_new_tokens=args.max_new_tokens,
                               stop_ids=stop_token_ids(tok, template))[0])

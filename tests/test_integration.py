@@ -235,3 +235,22 @@ def test_a_tiny_model_is_built_whole_or_not_at_all(tmp_path, monkeypatch):
     build_tiny_model(TEST_SENTENCES, out, vocab_size=300, hidden_size=16, num_layers=1,
                      num_heads=2, max_positions=64, seed=0)
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_a_mistyped_model_is_refused_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "r"
+    assert main(["run", "--quiet", "--out", str(out), "--set", "model.path=smal"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'smal'" in err and "built-in name" in err, err
+    assert not out.exists()  # nothing written: no partition, no run directory
+    assert main(["eval", str(tmp_path / "nonexistent")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_eval_takes_a_built_in_model_name(capsys):
+    assert main(["eval", "small", "--set", "evaluation.max_examples=2",
+                 "--set", "evaluation.max_new_tokens=2", "--set", "data.generated_per_family=4"]
+                ) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["num_examples"] == 2 and scores["eval_loss"] > 0

@@ -102,6 +102,39 @@ def resolve_model_source(path_or_id: str | Path, cache_dir: str | Path | None = 
     return name
 
 
+class ModelNotFound(FileNotFoundError):
+    """A model name that is no local path, no built-in name and no loadable hub id."""
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _not_found(name: str) -> ModelNotFound:
+    builtin = ", ".join(["tiny", *BASE_MODELS, *EMBEDDED_GGUF])
+    where = ("not in the local Hugging Face cache (HF_HUB_OFFLINE=1: the hub is not asked)"
+             if _offline() else "not loadable from the Hugging Face hub")
+    return ModelNotFound(f"model {name!r} is not a local path, not a built-in name ({builtin}) "
+                         f"and {where}")
+
+
+def check_model_source(path_or_id: str | Path, cache_dir: str | Path | None = None) -> None:
+    """Fail fast, in one line, on a model that cannot load (before a run does any work).
+
+    Local paths, built-in names and GGUF files resolve as the loader would; a hub id is checked
+    against the local Hugging Face cache when offline (online, the loader asks the hub).
+    """
+    if str(path_or_id) == "tiny":
+        return
+    source = resolve_model_source(path_or_id, cache_dir)
+    if Path(source).exists() or not _offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        raise _not_found(source)
+
+
 def _from_pretrained(factory: Any, source: str, **kwargs: Any) -> Any:
     """Call ``factory.from_pretrained``; a hub id that cannot be fetched names itself clearly."""
     try:
@@ -109,12 +142,7 @@ def _from_pretrained(factory: Any, source: str, **kwargs: Any) -> Any:
     except OSError as err:
         if Path(source).exists():
             raise
-        offline = os.environ.get("HF_HUB_OFFLINE", "0")
-        raise OSError(
-            f"{source!r} is not a local path and could not be loaded as a hub id "
-            f"(HF_HUB_OFFLINE={offline}; offline, only models already in the HF cache load): "
-            f"{err}"
-        ) from err
+        raise _not_found(source) from err
 
 
 def load_tokenizer(path_or_id: str | Path, *, trust_remote_code: bool = False,
