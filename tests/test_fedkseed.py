@@ -451,3 +451,40 @@ def test_a_device_reading_w0_from_its_files_rebuilds_the_same_bits(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(KeyError, match="holds no tensor"):
         FileWeights(tmp_path, ["not.a.parameter"])
+
+
+# -- hostile but well-formed replies ------------------------------------------------------------
+
+
+def test_more_seeds_than_tau_steps_is_refused():
+    server, device, model = make()  # tau 6
+    server.begin_round(1)
+    many = reply(index=tuple(range(7)), sum_g=(1e4,) * 7).encode(16)
+    with pytest.raises(MessageError, match="touches 7 seeds"):
+        server.accept(many)
+    server.accept(reply(index=tuple(range(6)), sum_g=(1.0,) * 6).encode(16))  # tau is fine
+
+
+def test_g_max_clips_on_the_device_and_bounds_what_the_server_accepts():
+    server, device, model = make(g_max=1e-3)
+    server.begin_round(1)
+    up = device.round(model, server.download(1, 0), examples(0), 1, 3)
+    got = Reply.decode(up, 16, False, 1000.0, expect_round=1)
+    assert float(got.sum_g.abs().sum()) <= 6 * 1e-3 * (1 + 1e-6)  # tau clipped steps
+    server.accept(up)
+    with pytest.raises(MessageError, match="exceed"):
+        server.accept(reply(sum_g=(1e30,)).encode(16))
+    with pytest.raises(MessageError, match="exceed"):
+        server.accept(reply(index=(0, 1), sum_g=(4e-3, 4e-3)).encode(16))  # 8e-3 > 6e-3
+    server.end_round()
+    assert torch.isfinite(server.accumulators).all()
+
+
+def test_a_round_that_would_make_the_state_non_finite_is_refused_whole():
+    server, _, _ = make()
+    for round_ in (1, 2):  # float32-finite sums whose total overflows in the second round
+        server.begin_round(round_)
+        server.accept(reply(round_=round_, sum_g=(3e38,)).encode(16))
+        server.end_round()
+    assert torch.isfinite(server.accumulators).all()
+    assert float(server.accumulators[0]) == pytest.approx(3e38, rel=1e-6)  # round 2 refused

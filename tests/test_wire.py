@@ -144,3 +144,25 @@ def test_a_reply_that_is_not_bytes_or_crashes_the_decoder_is_counted_and_the_rou
     assert res.train_loss == 0.5
     server.end_round()
     assert all(torch.equal(server.theta[k], v) for k, v in TENSORS.items())
+
+
+def test_a_fedavg_round_whose_aggregate_is_not_finite_is_refused_whole():
+    """Finite float32 replies whose weighted mean overflows float32: the round is refused and
+    the previous global model kept."""
+    server = FedAvgServer("fedavg", TENSORS)
+    server.begin_round(1)
+    huge = {k: torch.full_like(v, 3e38) for k, v in TENSORS.items()}
+    server.accept(Reply(1, 1, 0.5, huge).encode())
+    server.accept(Reply(1, 1, 0.5, huge).encode())
+    delta = FedAvgServer("fedzo", TENSORS, delta=True)
+    delta.begin_round(1)
+    delta.accept(Reply(1, 1, 0.5, huge).encode())
+    for s in (server, delta):
+        s.end_round()
+    delta.begin_round(2)
+    delta.accept(Reply(2, 1, 0.5, huge).encode())
+    delta.end_round()  # theta 3e38 + 3e38 overflows: refused
+    for s in (server, delta):
+        assert all(bool(torch.isfinite(v).all()) for v in s.theta.values())
+    assert all(torch.equal(server.theta[k], torch.full_like(v, 3e38).to(v.dtype))
+               for k, v in TENSORS.items())

@@ -51,7 +51,7 @@ def zo_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
 def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
             batch: Mapping[str, torch.Tensor], seed: int, eps: float, lr: float, *,
             keep_z: bool = False, z_buffer: Sequence[torch.Tensor] | None = None,
-            workers: int | None = None) -> ZOStep | None:
+            workers: int | None = None, g_max: float = 0.0) -> ZOStep | None:
     """One ZO-SGD step on ``params`` (the model's trainable parameters, in index order).
 
     Returns (g, (L⁺ + L⁻) / 2), or None when L⁺ or L⁻ is not finite: then θ is restored with
@@ -65,14 +65,14 @@ def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
     if model.training:
         raise RuntimeError("zo_step needs the model in eval() mode (dropout off)")
     return zo_step_on(lambda: zo_loss(model, batch), params, seed, eps, lr,
-                      keep_z=keep_z, z_buffer=z_buffer, workers=workers)
+                      keep_z=keep_z, z_buffer=z_buffer, workers=workers, g_max=g_max)
 
 
 @torch.no_grad()
 def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], seed: int,
                eps: float, lr: float, *, keep_z: bool = False,
                z_buffer: Sequence[torch.Tensor] | None = None,
-               workers: int | None = None) -> ZOStep | None:
+               workers: int | None = None, g_max: float = 0.0) -> ZOStep | None:
     """:func:`zo_step` for any scalar ``objective`` of ``params`` (evaluated at θ ± εz; it must
     be deterministic, e.g. a model in ``eval()`` mode on a fixed batch): the language-model loss
     on devices, the distillation loss on a FedPT server."""
@@ -82,13 +82,13 @@ def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], s
                 a.shape != b.shape for a, b in zip(z, params, strict=True)):
             raise ValueError("z_buffer must hold one tensor shaped like each parameter")
         fill_z_(z, seed, workers=workers)
-        return _two_point(objective, eps, lr, lambda scale: add_z_(params, z, scale))
+        return _two_point(objective, eps, lr, lambda scale: add_z_(params, z, scale), g_max)
     return _two_point(objective, eps, lr,
-                      lambda scale: perturb_(params, seed, scale, workers=workers))
+                      lambda scale: perturb_(params, seed, scale, workers=workers), g_max)
 
 
 def _two_point(objective: Callable[[], float], eps: float, lr: float,
-               move: Callable[[float], None]) -> ZOStep | None:
+               move: Callable[[float], None], g_max: float = 0.0) -> ZOStep | None:
     """The step itself, ``move(scale)`` adding scale·z in place."""
     move(eps)
     loss_plus = objective()
@@ -98,5 +98,7 @@ def _two_point(objective: Callable[[], float], eps: float, lr: float,
         move(eps)
         return None
     g = (loss_plus - loss_minus) / (2.0 * eps)
+    if g_max > 0:
+        g = min(max(g, -g_max), g_max)
     move(eps - lr * g)  # restore and update fused: θ₀ − εz + (ε − lr·g) z = θ₀ − lr·g·z
     return ZOStep(g, 0.5 * (loss_plus + loss_minus))

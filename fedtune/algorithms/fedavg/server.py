@@ -76,12 +76,15 @@ class FedAvgServer:
             raise RuntimeError("end_round() called outside a round")
         if self._agg.count == 0:
             log.warning("round %d: no valid reply, the global model stays as it was", self.round)
-        elif self.delta:
-            mean = self._agg.result()
-            self.theta = {k: (v.double() + mean[k].double()).to(v.dtype)
-                          for k, v in self.theta.items()}
         else:
-            self.theta = self._agg.result()
+            mean = self._agg.result()
+            new = ({k: (v.double() + mean[k].double()).to(v.dtype) for k, v in self.theta.items()}
+                   if self.delta else mean)
+            if all(bool(torch.isfinite(v).all()) for v in new.values()):
+                self.theta = new
+            else:
+                log.error("round %d refused whole: the aggregate is not finite; the previous "
+                          "global model is kept", self.round)
         self._agg = None
 
     def _set_global(self, model: torch.nn.Module) -> None:

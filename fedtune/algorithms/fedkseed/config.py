@@ -36,6 +36,11 @@ class FedKSeedConfig:
                "memory). Bitwise the same result either way.")
     seed: int = option(0, "Run seed the K pool seeds derive from (shared by server and clients, "
                           "never sent).")
+    g_max: float = option(
+        0.0, "Bounded influence: devices clip each projected gradient g to [-g_max, g_max] and "
+             "the server refuses a reply whose per-seed sums could not come from tau clipped "
+             "steps (|sum g_j| and sum_j |sum g_j| <= tau * g_max). 0 turns the clip off; the "
+             "server still refuses more touched seeds (or Pro counts) than tau steps allow.")
 
     def validate(self, prefix: str) -> None:
         check(1 <= self.k_seeds <= MAX_K_SEEDS, f"{prefix}.k_seeds", self.k_seeds,
@@ -48,3 +53,4 @@ class FedKSeedConfig:
         check(self.clip > 0, f"{prefix}.clip", self.clip, "must be > 0")
         check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "must be >= 0")
+        check(self.g_max >= 0, f"{prefix}.g_max", self.g_max, "must be >= 0 (0: off)")

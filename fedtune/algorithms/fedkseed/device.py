@@ -70,11 +70,13 @@ def draw_seed_indices(k_seeds: int, tau: int, seed: int,
 def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Sequence[int],
                    examples: Sequence[TokenizedExample], *, tau: int, batch_size: int,
                    eps: float, lr: float, clip: float, pad_id: int, seed: int,
-                   probs: np.ndarray | None = None, keep_z: bool = False
+                   probs: np.ndarray | None = None, keep_z: bool = False, g_max: float = 0.0
                    ) -> tuple[SeedStats, float, int]:
     """τ ZO-SGD steps on ``params`` in place; return (per-seed stats, mean loss, skipped steps).
 
     ``keep_z`` trades one float32 copy of ``params`` for two fewer generations of z per step.
+    ``g_max`` > 0 clips each projected gradient to [-g_max, g_max] before the update and the
+    sums (bounded influence; the server checks the sums against it).
     """
     indices = draw_seed_indices(len(pool), tau, seed, probs)
     stats = SeedStats()
@@ -82,7 +84,7 @@ def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool:
 
     def step(i: int, batch: dict[str, torch.Tensor]) -> float | None:
         taken = zo_step(model, params, to_device(batch, model), pool[indices[i]], eps, lr,
-                        keep_z=keep_z, z_buffer=z_buffer)
+                        keep_z=keep_z, z_buffer=z_buffer, g_max=g_max)
         if taken is None:
             return None
         stats.add(indices[i], taken.g, clip)
@@ -128,7 +130,7 @@ class FedKSeedDevice:
         stats, loss, _ = local_zo_train(
             model, params, self.pool, examples, tau=c.tau, batch_size=c.batch_size,
             eps=c.zo_eps, lr=c.lr, clip=c.clip, pad_id=self.pad_id, seed=seed, probs=probs,
-            keep_z=c.keep_z)
+            keep_z=c.keep_z, g_max=c.g_max)
         if not stats.count:
             raise RuntimeError("every ZO step had a non-finite loss")
         idx = sorted(stats.count)

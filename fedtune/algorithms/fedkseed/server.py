@@ -33,10 +33,27 @@ from fedtune.algorithms.fedkseed.pro import initial_stats, seed_probabilities
 from fedtune.algorithms.fedkseed.replay import RoundModel, seed_pool
 from fedtune.algorithms.fedkseed.wire import Download, Reply
 from fedtune.algorithms.params import trainable
+from fedtune.wire import MessageError
 from fedtune.zo.perturb import GENERATOR_VERSION
 
 log = logging.getLogger(__name__)
 SEED_LOG = "fedkseed_seeds.json"
+
+
+def check_possible(reply: Reply, tau: int, g_max: float) -> None:
+    """Refuse a well-formed reply that ``tau`` steps (each |g| <= ``g_max`` when > 0) cannot
+    have produced: more touched seeds than steps, Pro counts summing past tau, or per-seed sums
+    beyond tau * g_max (one seed, or all together: sum_j |sum g_j| <= sum |g| <= tau g_max)."""
+    n = int(reply.index.numel())
+    if n > tau:
+        raise MessageError(f"reply touches {n} seeds; {tau} steps touch at most {tau}")
+    if reply.count is not None and int(reply.count.sum()) > tau:
+        raise MessageError(f"reply counts {int(reply.count.sum())} steps; tau is {tau}")
+    if g_max > 0:
+        total = float(reply.sum_g.double().abs().sum())
+        if total > tau * g_max * (1 + 1e-6):
+            raise MessageError(f"reply's sums of g (sum of |sum g| = {total:.4g}) exceed what "
+                               f"{tau} steps clipped to |g| <= {g_max:g} can give")
 
 
 class FedKSeedServer:
@@ -114,6 +131,7 @@ class FedKSeedServer:
             raise RuntimeError("accept() called outside a round")
         c = self.cfg
         reply = Reply.decode(payload, c.k_seeds, self.pro, c.clip, expect_round=self.round)
+        check_possible(reply, c.tau, c.g_max)
         idx = reply.index.long().numpy()
         self._inc[idx] += reply.num_samples * reply.sum_g.double().numpy()
         sg, sa, cnt = self._round_stats
@@ -128,11 +146,15 @@ class FedKSeedServer:
     def end_round(self) -> None:
         if self._inc is None or self._round_stats is None:
             raise RuntimeError("end_round() called outside a round")
+        a = self.accumulators.double().numpy() + self._inc / max(self._total, 1.0)
+        new = torch.from_numpy(a).to(torch.float32)
         if self._replies == 0:
             log.warning("round %d: no valid reply, the global model stays as it was", self.round)
+        elif not bool(torch.isfinite(new).all()):
+            log.error("round %d refused whole: the aggregate would make the accumulators "
+                      "non-finite; the previous global model is kept", self.round)
         else:
-            a = self.accumulators.double().numpy() + self._inc / self._total
-            self.accumulators = torch.from_numpy(a).to(torch.float32)
+            self.accumulators = new
             sg, sa, cnt = self._round_stats
             self.sum_g, self.sum_abs_clip, self.count = (
                 self.sum_g + sg, self.sum_abs_clip + sa, self.count + cnt)
