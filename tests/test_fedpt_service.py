@@ -109,3 +109,17 @@ def test_malformed_requests_get_errors_and_the_service_stays_up(service):
     with pytest.raises(LogitsServiceError, match="unknown session"):
         client.step(sid, [1, 2])
     assert service.process.poll() is None
+
+
+def test_the_logits_sessions_use_the_current_cache_api():
+    """No transformers deprecation (``past_key_values`` is removed in 5.40) on a FedPT step."""
+    import warnings
+
+    root = Path(__file__).resolve().parents[1] / "fedtune" / "base_models" / "small"
+    model, tok = load_model_and_tokenizer(root, "float32", "cpu")
+    src = LocalLogits(model, tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        sid, first = src.start([[5, 6, 7], [8, 9]])
+        step = src.step(sid, [10, 11])
+    assert first.shape == step.shape == (2, src.vocab_size)

@@ -9,6 +9,7 @@ batch size, context length) before the model sees it; a bad one raises
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import uuid
@@ -37,6 +38,20 @@ class _Session:
     last_used: float
 
 
+def _cache_of(out: Any) -> Any:
+    """The KV cache of a forward's output: ``cache`` from transformers 5.x on (where
+    ``past_key_values`` is a deprecated alias, removed in 5.40), ``past_key_values`` before."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward's name for the KV-cache input (``cache`` in newer transformers 5.x)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else \
+        "past_key_values"
+
+
 class LocalLogits:
     """A :class:`fedtune.logits.source.LogitsSource` over a model in this process.
 
@@ -47,6 +62,7 @@ class LocalLogits:
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 64,
                  max_sessions: int = 64, ttl_s: float = 600.0, name: str = "") -> None:
         self.model = model
+        self._cache_kw = _cache_kwarg(model)
         self.vocab_size = len(tokenizer)
         self.hash = tokenizer_hash(tokenizer)
         self.max_batch = max_batch
@@ -111,8 +127,7 @@ class LocalLogits:
             out = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                              position_ids=pos.to(dev), use_cache=True)
             sid = uuid.uuid4().hex
-            self._sessions[sid] = _Session(out.past_key_values, mask, mask.sum(-1),
-                                           time.monotonic())
+            self._sessions[sid] = _Session(_cache_of(out), mask, mask.sum(-1), time.monotonic())
             return sid, out.logits[:, -1, :].float().cpu()  # (B, V)
 
     def step(self, session: str, tokens: Sequence[int]) -> torch.Tensor:
@@ -153,8 +168,8 @@ class LocalLogits:
             dev = self.device
             out = self.model(input_ids=torch.tensor([list(r) for r in block]).to(dev),
                              attention_mask=s.mask.to(dev), position_ids=pos.to(dev),
-                             past_key_values=s.cache, use_cache=True)
-            s.cache = out.past_key_values
+                             use_cache=True, **{self._cache_kw: s.cache})
+            s.cache = _cache_of(out)
             s.next_pos = s.next_pos + k
             s.last_used = time.monotonic()
             return out.logits.float().cpu()  # (B, k, V)
