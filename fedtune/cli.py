@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run directory (default: output.dir or runs/<name>-<time>)")
     r.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted run from its last completed round")
-    r.add_argument("--quiet", action="store_true", help="no progress bar or tables")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress bars, round table or example answers; the closing summary "
+                   "(metrics before/after, bytes, time, memory, run directory) still prints")
 
     e = sub.add_parser("eval", help="Rouge-L and eval loss of a run or model directory",
                        description="Evaluate a run directory's exported model (on the run's own "
@@ -143,7 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.config or args.overrides:
             raise ConfigError("--resume", args.resume,
                               "a resumed run uses its saved config; drop CONFIG and --set")
-        runner.resume(Path(args.resume), progress=not args.quiet)
+        _closing(runner.resume(Path(args.resume), progress=not args.quiet), args.quiet)
         return 0
     cfg = load_config(args.config, args.overrides)
     from fedtune.models.loading import check_model_source
@@ -155,8 +157,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError("--out", str(out), "already holds a run; use --resume to continue it "
                           "or choose another directory")
     cfg.output.dir = str(out)
-    runner.run(cfg, out, progress=not args.quiet)
+    _closing(runner.run(cfg, out, progress=not args.quiet), args.quiet)
     return 0
+
+
+def _closing(summary: dict, quiet: bool) -> None:
+    """With --quiet the run printed nothing: still say how it ended and where it is."""
+    if not quiet:
+        return
+    if "stopped_after" in summary:
+        print(f"stopped after round {summary['stopped_after']}; resume with `fedtune run "
+              f"--resume {summary['run_dir']}`")
+        return
+    from fedtune.report import summary_text
+
+    print(summary_text(summary))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -38,9 +38,12 @@ def run_cli(out: Path, *extra: str) -> int:
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedit"])
-def test_two_rounds_through_the_cli(tmp_path, algorithm):
+def test_two_rounds_through_the_cli(tmp_path, algorithm, capsys):
     out = tmp_path / algorithm
     assert run_cli(out, f"algorithm.name={algorithm}") == 0
+    printed = capsys.readouterr().out  # --quiet: no bars or tables, the closing summary only
+    assert f"run directory: {out}" in printed and "Rouge-L" in printed
+    assert "round train_loss" not in printed
     r = rows(out)
     assert [x["round"] for x in r] == [0, 1, 2]
     train = [x["train_loss"] for x in r[1:]]
