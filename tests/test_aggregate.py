@@ -49,3 +49,35 @@ def test_client_seed_depends_on_every_part():
     s = client_seed(0, 1, 2)
     assert s == client_seed(0, 1, 2)
     assert len({s, client_seed(1, 1, 2), client_seed(0, 2, 2), client_seed(0, 1, 3)}) == 4
+
+
+def test_reply_weight_by_hand():
+    from fedtune.algorithms.aggregate import reply_weight
+
+    assert reply_weight(70) == 70.0
+    assert reply_weight(10**9, "samples", cap=1000) == 1000.0
+    assert reply_weight(12, "samples", cap=1000) == 12.0
+    assert reply_weight(10**9, "equal") == 1.0
+    with pytest.raises(ValueError, match="weighting"):
+        reply_weight(3, "loudest")
+
+
+@pytest.mark.parametrize("weighting, cap, want", [
+    ("samples", 0, [1e9 / (1e9 + 4)]),  # the papers' weighting: the claim wins
+    ("samples", 100, [100 / 104]),
+    ("equal", 0, [0.5]),
+])
+def test_a_client_claiming_a_billion_samples(weighting, cap, want):
+    """FedAvg's global model after one honest reply (4 samples, theta 0) and one claiming 10^9
+    samples (theta 1): the share of the claim under each weighting."""
+    from fedtune.algorithms.aggregate import reply_weight
+    from fedtune.algorithms.fedavg.server import FedAvgServer
+    from fedtune.algorithms.fedavg.wire import Reply
+
+    server = FedAvgServer("fedavg", {"w": torch.zeros(1)},
+                          weight=lambda n: reply_weight(n, weighting, cap))
+    server.begin_round(1)
+    server.accept(Reply(1, 4, 1.0, {"w": torch.zeros(1)}).encode())
+    server.accept(Reply(1, 10**9, 1.0, {"w": torch.ones(1)}).encode())
+    server.end_round()
+    assert server.theta["w"].tolist() == pytest.approx(want, rel=1e-6)

@@ -488,3 +488,14 @@ def test_a_round_that_would_make_the_state_non_finite_is_refused_whole():
         server.end_round()
     assert torch.isfinite(server.accumulators).all()
     assert float(server.accumulators[0]) == pytest.approx(3e38, rel=1e-6)  # round 2 refused
+
+
+def test_equal_weighting_gives_each_reply_one_vote():
+    cfg = config()
+    cfg.weighting = "equal"
+    server, _, _ = build(cfg, tiny_model())
+    server.begin_round(1)
+    server.accept(reply(n=4, sum_g=(2.0,)).encode(16))
+    server.accept(reply(n=60000, index=(1,), sum_g=(4.0,)).encode(16))
+    server.end_round()
+    assert server.accumulators[:2].tolist() == pytest.approx([1.0, 2.0])  # (2 + 0) / 2, 4 / 2

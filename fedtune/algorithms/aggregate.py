@@ -53,3 +53,17 @@ class WeightedMean:
         if self.count == 0:
             raise ValueError("no replies were aggregated")
         return {k: (v / self.total_weight).to(self._dtypes[k]) for k, v in self._acc.items()}
+
+
+WEIGHTINGS = ("samples", "equal")
+
+
+def reply_weight(num_samples: int, weighting: str = "samples", cap: int = 0) -> float:
+    """A reply's weight in the mean: its sample count (the papers'), capped at ``cap`` when
+    ``cap`` > 0, or 1 for every reply (``equal``). The count is what the client *says*; the cap
+    bounds how much one client's claim can outweigh the others."""
+    if weighting == "equal":
+        return 1.0
+    if weighting != "samples":
+        raise ValueError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    return float(min(num_samples, cap) if cap > 0 else num_samples)

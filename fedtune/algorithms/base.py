@@ -46,6 +46,13 @@ class MethodContext:
     pad_id: int
     tokenizer: Any = None
 
+    def weight(self, num_samples: int) -> float:
+        """A reply's weight in the server's mean (``algorithm.weighting``, capped by
+        ``algorithm.max_sample_weight``)."""
+        from fedtune.algorithms.aggregate import reply_weight
+
+        return reply_weight(num_samples, self.cfg.weighting, self.cfg.max_sample_weight)
+
 
 @dataclass(frozen=True)
 class DeviceEnv:

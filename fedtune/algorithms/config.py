@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.algorithms import METHODS
+from fedtune.algorithms.aggregate import WEIGHTINGS
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedmezo.config import FedMeZOConfig
 from fedtune.algorithms.fedprompt.config import PromptConfig
@@ -59,6 +60,13 @@ class AlgorithmConfig:
     )
     weight_decay: float = option(0.0, "Decoupled weight decay of the local optimizer.")
     max_grad_norm: float = option(1.0, "Clip the local gradient to this L2 norm; 0 disables.")
+    weighting: str = option(
+        "samples", "How the server weights the replies it averages: 'samples' (each client's "
+        "reported sample count, as FedAvg, FedIT and FedKSeed do) or 'equal' (one client, one "
+        "vote: a client cannot buy influence by claiming more samples).", WEIGHTINGS)
+    max_sample_weight: int = option(
+        0, "With weighting = 'samples': cap a reply's weight at this many samples (0: no cap). "
+           "A reported count is only a claim; the cap bounds what one client can outweigh.")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter settings (used by 'fedit', 'fedmezo').")
     fedkseed: FedKSeedConfig = section(
         FedKSeedConfig, "FedKSeed / FedKSeed-Pro settings (used by 'fedkseed', 'fedkseed-pro').")
@@ -82,6 +90,8 @@ class AlgorithmConfig:
         check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
         check(self.max_grad_norm >= 0, f"{prefix}.max_grad_norm", self.max_grad_norm,
               "must be >= 0")
+        check(self.max_sample_weight >= 0, f"{prefix}.max_sample_weight",
+              self.max_sample_weight, "must be >= 0 (0: no cap)")
         self.lora.validate(f"{prefix}.lora")
         self.fedkseed.validate(f"{prefix}.fedkseed")
         self.fedmezo.validate(f"{prefix}.fedmezo")

@@ -41,10 +41,12 @@ FEDAVG = Method(
     name="fedavg", summary="FedAvg over all parameters, backprop on devices (McMahan et al. 2017)",
     traffic="the whole model, both ways",
     sections=(), prepare=prepare_full,
-    server=lambda ctx, model: FedAvgServer("fedavg", trainable(model)), device=backprop_device)
+    server=lambda ctx, model: FedAvgServer(
+        "fedavg", trainable(model), weight=ctx.weight), device=backprop_device)
 
 FEDIT = Method(
     name="fedit", summary="FedAvg over LoRA adapters (FedIT, Zhang et al. 2024)",
     traffic="the LoRA adapters, both ways", sections=("lora",), prepare=prepare_lora,
-    server=lambda ctx, model: FedAvgServer("fedit", trainable(model), export="lora"),
+    server=lambda ctx, model: FedAvgServer(
+        "fedit", trainable(model), weight=ctx.weight, export="lora"),
     device=backprop_device)

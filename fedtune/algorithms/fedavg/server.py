@@ -45,13 +45,16 @@ class FedAvgServer:
     device_share: object | None = None
 
     def __init__(self, name: str, initial: Mapping[str, torch.Tensor], *,
-                 export: Export = "model", delta: bool = False) -> None:
-        """``initial``: the trainable tensors by name (``trainable(prepared model)``)."""
+                 export: Export = "model", delta: bool = False,
+                 weight: Callable[[int], float] = float) -> None:
+        """``initial``: the trainable tensors by name (``trainable(prepared model)``);
+        ``weight``: a reply's weight from its reported sample count."""
         self.name = name
         self.theta = {k: v.detach().to("cpu").clone() for k, v in initial.items()}
         self.spec = TensorSpec.of(self.theta)
         self.export_kind: Export = export
         self.delta = delta
+        self.weight = weight
         self.round = 0
         self._agg: WeightedMean | None = None
         self.set_global = self._set_global
@@ -68,7 +71,7 @@ class FedAvgServer:
         if self._agg is None:
             raise RuntimeError("accept() called outside a round")
         reply = Reply.decode(payload, self.spec, expect_round=self.round)
-        self._agg.add(reply.tensors, reply.num_samples)
+        self._agg.add(reply.tensors, self.weight(reply.num_samples))
         return ReplyInfo(reply.num_samples, reply.train_loss)
 
     def end_round(self) -> None:

@@ -47,12 +47,12 @@ FEDKSEED = Method(
     traffic="down: the K per-seed accumulators (or their change since the device's cached "
     "round); up: (seed index, sum g) per touched seed",
     sections=("fedkseed",), prepare=prepare,
-    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, False, model),
+    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, False, model, ctx.weight),
     device=_device(False))
 
 FEDKSEED_PRO = Method(
     name="fedkseed-pro", summary="FedKSeed with seeds sampled by their importance (Qin et al. "
     "2024)", traffic="FedKSeed's, plus the K seed probabilities down and sum abs(clip g) and a "
     "count per seed up", sections=("fedkseed",), prepare=prepare,
-    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, True, model),
+    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, True, model, ctx.weight),
     device=_device(True))

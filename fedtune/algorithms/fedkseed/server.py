@@ -63,9 +63,11 @@ class FedKSeedServer:
     target_met: Callable[[dict[str, float]], bool] | None = None
     set_global: Callable[[torch.nn.Module], None] | None = None
 
-    def __init__(self, cfg: FedKSeedConfig, pro: bool, model: torch.nn.Module | None = None
-                 ) -> None:
+    def __init__(self, cfg: FedKSeedConfig, pro: bool, model: torch.nn.Module | None = None,
+                 weight: Callable[[int], float] = float) -> None:
+        """``weight``: a reply's weight in the mean from its reported sample count."""
         self.cfg = cfg
+        self.weight = weight
         self.pro = pro
         self.name = "fedkseed-pro" if pro else "fedkseed"
         self.pool = seed_pool(cfg.seed, cfg.k_seeds)
@@ -133,13 +135,14 @@ class FedKSeedServer:
         reply = Reply.decode(payload, c.k_seeds, self.pro, c.clip, expect_round=self.round)
         check_possible(reply, c.tau, c.g_max)
         idx = reply.index.long().numpy()
-        self._inc[idx] += reply.num_samples * reply.sum_g.double().numpy()
+        w = self.weight(reply.num_samples)
+        self._inc[idx] += w * reply.sum_g.double().numpy()
         sg, sa, cnt = self._round_stats
         sg[idx] += reply.sum_g.double().numpy()
         if reply.sum_abs_clip is not None and reply.count is not None:
             sa[idx] += reply.sum_abs_clip.double().numpy()
             cnt[idx] += reply.count.double().numpy()
-        self._total += reply.num_samples
+        self._total += w
         self._replies += 1
         return ReplyInfo(reply.num_samples, reply.train_loss)
 

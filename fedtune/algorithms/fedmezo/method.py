@@ -37,5 +37,6 @@ FEDMEZO = Method(
     name="fedmezo", summary="FedIT's LoRA FedAvg, adapters trained on devices by MeZO "
     "zeroth-order steps with fresh seeds (as in Qin et al. 2024)",
     traffic="the LoRA adapters, both ways", sections=("fedmezo", "lora"), prepare=prepare,
-    server=lambda ctx, model: FedAvgServer("fedmezo", trainable(model), export="lora"),
+    server=lambda ctx, model: FedAvgServer(
+        "fedmezo", trainable(model), weight=ctx.weight, export="lora"),
     device=device)

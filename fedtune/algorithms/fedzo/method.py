@@ -28,4 +28,5 @@ FEDZO = Method(
     name="fedzo", summary="tau two-point zeroth-order steps on every parameter, each with a "
     "fresh seed (FedZO, Fang et al. 2022)",
     traffic="down: the whole model; up: its change", sections=("fedzo",), prepare=prepare,
-    server=lambda ctx, model: FedAvgServer("fedzo", trainable(model), delta=True), device=device)
+    server=lambda ctx, model: FedAvgServer(
+        "fedzo", trainable(model), weight=ctx.weight, delta=True), device=device)
