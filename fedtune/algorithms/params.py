@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -23,11 +26,9 @@ def load_into(params: Mapping[str, torch.nn.Parameter], tensors: Mapping[str, to
 def upcast_trainable(model: torch.nn.Module, what: str) -> None:
     """Make the trainable parameters float32 in place (ZO master weights: updates of lr * g sit
     far below half-precision resolution)."""
-    import logging
-
     params = trainable(model)
     if any(p.dtype != torch.float32 for p in params.values()):
-        logging.getLogger(__name__).warning(
+        log.warning(
             "%s: upcasting the trainable parameters to float32 (ZO master weights)", what)
         for p in params.values():
             p.data = p.data.to(torch.float32)

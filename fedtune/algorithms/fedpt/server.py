@@ -90,7 +90,6 @@ class FedPTServer:
         self.model = model
         # s_base: the prepared model before any round (LoRA's B = 0: the base model's function)
         self.anti_expert = self._snapshot(model)
-        self.large: LogitsSource | None = None
         self.service: ServiceProcess | None = None
         self.round = 0
         self.history: list[dict[str, Any]] = []
@@ -100,7 +99,7 @@ class FedPTServer:
         self.device_share = inner.device_share
         self.evaluate: Evaluate | None = self._evaluate
         self.target_met: Callable[[dict[str, float]], bool] | None = self._target_met
-        self.large = self._connect()
+        self.large: LogitsSource | None = self._connect()
         try:
             self.proxy()  # refuses a large model that does not share the small one's tokenizer
         except Exception:
