@@ -98,17 +98,52 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=0, help="port (default 0: a free one, printed)")
     s.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--max-batch", type=int, default=64, help="most rows per session")
-    s.add_argument("--session-ttl", type=float, default=600.0,
-                   help="seconds after which an idle session is dropped")
     s.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default 0: torch's choice)")
     s.add_argument("--ready-file", help="write the bound URL to this file once serving")
     s.add_argument("--parent-pid", type=int, default=0,
                    help="stop serving when this process exits (set by runs that start it)")
+    _serve_security_args(s)
     pretrain_cli.add_parser(sub)
     flower_cli.add_parser(sub)
     return p
+
+
+def _serve_security_args(s: argparse.ArgumentParser) -> None:
+    """``serve-logits``: who may connect, and what one client may cost (ServiceLimits)."""
+    from fedtune.logits.service import ServiceLimits
+
+    d = ServiceLimits()
+    a = s.add_argument_group("access (a token is required unless --host is a loopback address)")
+    a.add_argument("--token-file", help="file holding the bearer token clients must send "
+                   "(default: $FEDTUNE_LOGITS_TOKEN, else the file $FEDTUNE_LOGITS_TOKEN_FILE)")
+    a.add_argument("--tls-certfile", help="serve HTTPS with this PEM certificate (chain)")
+    a.add_argument("--tls-keyfile", help="the certificate's private key (if not in the certfile)")
+    lim = s.add_argument_group("limits per client and in all")
+    lim.add_argument("--max-batch", type=int, default=d.max_batch, help="most rows per session")
+    lim.add_argument("--max-sessions", type=int, default=d.max_sessions,
+                     help=f"open sessions in all (default {d.max_sessions})")
+    lim.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client,
+                     help="open sessions per client address (default "
+                     f"{d.max_sessions_per_client})")
+    lim.add_argument("--session-ttl", type=float, default=d.session_ttl_s,
+                     help="seconds after which an idle session is dropped (default "
+                     f"{d.session_ttl_s:g})")
+    lim.add_argument("--max-cache-mb", type=float, default=d.max_cache_mb,
+                     help="KV cache of all sessions together, MiB (0: no cap; default "
+                     f"{d.max_cache_mb:g})")
+    lim.add_argument("--max-response-mb", type=float, default=d.max_response_bytes / 2**20,
+                     help="logits in one reply, MiB: B * k * V * 4 bytes (default "
+                     f"{d.max_response_bytes / 2**20:g})")
+    lim.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                     help="seconds a client has to send a whole request (default "
+                     f"{d.request_timeout_s:g})")
+    lim.add_argument("--max-connections", type=int, default=d.max_connections,
+                     help=f"connections served at once (default {d.max_connections})")
+    lim.add_argument("--max-connections-per-client", type=int,
+                     default=d.max_connections_per_client,
+                     help="connections served at once per client address (default "
+                     f"{d.max_connections_per_client})")
 
 
 def _model_source(path: Path, cache_dir: str | None = None) -> str:
@@ -266,11 +301,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_logits(args: argparse.Namespace) -> int:
-    from fedtune.logits.service import serve
+    from fedtune.logits.remote import read_token_file, token_from_env
+    from fedtune.logits.service import ServiceLimits, serve, tls_context
 
-    serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device,
-          max_batch=args.max_batch, ttl_s=args.session_ttl, threads=args.threads,
-          ready_file=args.ready_file, parent_pid=args.parent_pid)
+    if args.tls_keyfile and not args.tls_certfile:
+        raise ValueError("--tls-keyfile needs --tls-certfile")
+    token = read_token_file(args.token_file) if args.token_file else token_from_env()
+    tls = tls_context(args.tls_certfile, args.tls_keyfile) if args.tls_certfile else None
+    limits = ServiceLimits(
+        max_batch=args.max_batch, max_sessions=args.max_sessions,
+        max_sessions_per_client=args.max_sessions_per_client, session_ttl_s=args.session_ttl,
+        max_cache_mb=args.max_cache_mb, max_response_bytes=int(args.max_response_mb * 2**20),
+        request_timeout_s=args.request_timeout, max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client)
+    serve(args.model, args.host, args.port, dtype=args.dtype, device=args.device, limits=limits,
+          token=token, tls=tls, threads=args.threads, ready_file=args.ready_file,
+          parent_pid=args.parent_pid)
     return 0
 
 

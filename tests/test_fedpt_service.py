@@ -1,7 +1,9 @@
-"""The logits service: started and stopped here on 127.0.0.1; equal to in-process; robust."""
+"""The logits service: started and stopped here on 127.0.0.1; equal to in-process; robust;
+only for whoever holds the token it was spawned with."""
 
 import copy
 import json
+import os
 import urllib.request
 from pathlib import Path
 
@@ -41,8 +43,8 @@ def pair():
 
 def test_service_reports_its_tokenizer_and_shape(service, pair):
     large, _, _, tok = pair
-    assert RemoteLogits(service.url).info() == LocalLogits(large, tok, max_batch=4,
-                                                           name=str(LARGE)).info()
+    assert service.client().info() == LocalLogits(large, tok, max_batch=4,
+                                                  name=str(LARGE)).info()
 
 
 def test_proxy_generation_through_the_service_equals_in_process(service, pair):
@@ -51,7 +53,7 @@ def test_proxy_generation_through_the_service_equals_in_process(service, pair):
                                              "### Instruction:\nName a colour.\n\n### Response:\n")]
     kw = {"max_new_tokens": 16, "eos_id": tok.eos_token_id, "pad_id": tok.pad_token_id,
           "batch_size": 3}
-    remote = ProxyModel(RemoteLogits(service.url), LocalLogits(tuned, tok),
+    remote = ProxyModel(service.client(), LocalLogits(tuned, tok),
                         LocalLogits(small, tok))
     local = ProxyModel(LocalLogits(large, tok), LocalLogits(tuned, tok), LocalLogits(small, tok))
     got = proxy_generate_ids(remote, prompts, **kw)
@@ -65,9 +67,10 @@ def test_proxy_generation_through_the_service_equals_in_process(service, pair):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-4)
 
 
-def _post(url: str, path: str, body: bytes) -> tuple[int, dict]:
+def _post(url: str, path: str, body: bytes, token: str) -> tuple[int, dict]:
     req = urllib.request.Request(url + path, data=body,
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": f"Bearer {token}"})
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, {}
@@ -76,7 +79,7 @@ def _post(url: str, path: str, body: bytes) -> tuple[int, dict]:
 
 
 def test_malformed_requests_get_errors_and_the_service_stays_up(service):
-    client = RemoteLogits(service.url)
+    client = service.client()
     vocab = client.info().vocab_size
     cases = [
         ({"prefixes": [[1, vocab]]}, 400, f"token id {vocab}"),
@@ -88,13 +91,14 @@ def test_malformed_requests_get_errors_and_the_service_stays_up(service):
         ({"prefix": [[1]]}, 400, "non-empty"),
     ]
     for payload, status, message in cases:
-        code, err = _post(service.url, "/start", json.dumps(payload).encode())
+        code, err = _post(service.url, "/start", json.dumps(payload).encode(), service.token)
         assert code == status and message in err["error"], (payload, code, err)
-    code, err = _post(service.url, "/start", b"{not json")
+    code, err = _post(service.url, "/start", b"{not json", service.token)
     assert code == 400 and "malformed JSON" in err["error"]
-    code, err = _post(service.url, "/step", json.dumps({"session": "nope", "tokens": [1]}).encode())
+    code, err = _post(service.url, "/step", json.dumps({"session": "nope", "tokens": [1]}).encode(),
+                      service.token)
     assert code == 404 and "unknown session" in err["error"]
-    code, err = _post(service.url, "/nowhere", b"{}")
+    code, err = _post(service.url, "/nowhere", b"{}", service.token)
     assert code == 404
     with pytest.raises(LogitsServiceError, match="HTTP 404"):
         client.close("nope")
@@ -109,6 +113,38 @@ def test_malformed_requests_get_errors_and_the_service_stays_up(service):
     with pytest.raises(LogitsServiceError, match="unknown session"):
         client.step(sid, [1, 2])
     assert service.process.poll() is None
+
+
+def test_the_spawned_service_wants_its_token_which_is_not_on_its_command_line(service):
+    """``ps`` shows every user a command line: the token travels in the child's environment."""
+    cmdline = Path(f"/proc/{service.process.pid}/cmdline")
+    if cmdline.is_file():
+        assert service.token and service.token.encode() not in cmdline.read_bytes()
+    assert service.token not in repr(service)
+    for token in (None, "wrong", service.token[:-1]):
+        with pytest.raises(LogitsServiceError, match="HTTP 401"):
+            RemoteLogits(service.url, token=token).info()
+    code, err = _post(service.url, "/start", b'{"prefixes": [[1]]}', "wrong")
+    assert code == 401 and "token" in err["error"]
+    assert RemoteLogits(service.url, token=service.token).info().vocab_size > 0
+    assert os.environ.get("FEDTUNE_LOGITS_TOKEN") != service.token  # not leaked into ours
+
+
+def test_fedpt_reaches_a_service_at_large_url_with_the_token_of_its_environment(service,
+                                                                               monkeypatch):
+    """``large_access = 'url'``: the config names the service, never the secret."""
+    from types import SimpleNamespace
+
+    from fedtune.algorithms.fedpt.config import FedPTConfig
+    from fedtune.algorithms.fedpt.server import FedPTServer
+
+    fake = SimpleNamespace(cfg=FedPTConfig(large_access="url", large_url=service.url))
+    monkeypatch.delenv("FEDTUNE_LOGITS_TOKEN", raising=False)
+    monkeypatch.delenv("FEDTUNE_LOGITS_TOKEN_FILE", raising=False)
+    with pytest.raises(LogitsServiceError, match="HTTP 401"):
+        FedPTServer._connect(fake).info()  # type: ignore[arg-type]
+    monkeypatch.setenv("FEDTUNE_LOGITS_TOKEN", service.token)
+    assert FedPTServer._connect(fake).info().vocab_size > 0  # type: ignore[arg-type]
 
 
 def test_the_logits_sessions_use_the_current_cache_api():

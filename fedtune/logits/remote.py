@@ -3,20 +3,40 @@
 Holds no weights: every call is one HTTP request (stdlib ``urllib``; one connection per request,
 which on localhost costs well under a millisecond). Logits arrive as raw float32, so they are
 bit for bit what the service's model computed.
+
+Credentials: ``token`` is sent as ``Authorization: Bearer TOKEN``; an ``https://`` URL is checked
+against ``ca_file`` (else the system's CAs). A run that reaches a service someone else started
+(``large_access = 'url'``, ``fedtune eval --large-url``) takes them from the environment, never
+from a config file or the command line, where they would be stored or visible in ``ps``:
+``FEDTUNE_LOGITS_TOKEN`` (the token), or ``FEDTUNE_LOGITS_TOKEN_FILE`` (a file holding it), and
+``FEDTUNE_LOGITS_CA_FILE`` (:func:`remote_from_env`). The service reads the same variables.
 """
 
 from __future__ import annotations
 
+import http.client
+import ipaddress
 import json
+import logging
 import math
+import os
+import ssl
+import stat
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from fedtune.logits.source import SourceInfo
+
+log = logging.getLogger(__name__)
+TOKEN_ENV = "FEDTUNE_LOGITS_TOKEN"
+TOKEN_FILE_ENV = "FEDTUNE_LOGITS_TOKEN_FILE"
+CA_FILE_ENV = "FEDTUNE_LOGITS_CA_FILE"
 
 
 class LogitsServiceError(RuntimeError):
@@ -28,18 +48,65 @@ class LogitsServiceError(RuntimeError):
                          else f"logits service: {message}")
 
 
+def read_token_file(path: str | Path) -> str:
+    """The token in ``path`` (surrounding white space dropped); warns if others may read it."""
+    p = Path(path)
+    token = p.read_text().strip()
+    if not token:
+        raise ValueError(f"token file {p} is empty")
+    if p.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("token file %s is readable by other users (chmod 600 it)", p)
+    return token
+
+
+def token_from_env() -> str | None:
+    """``FEDTUNE_LOGITS_TOKEN``, else the contents of ``FEDTUNE_LOGITS_TOKEN_FILE``, else None."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    if os.environ.get(TOKEN_FILE_ENV):
+        return read_token_file(os.environ[TOKEN_FILE_ENV])
+    return None
+
+
+def remote_from_env(url: str, timeout: float = 120.0) -> RemoteLogits:
+    """A client of a service this process did not start, credentials from the environment."""
+    return RemoteLogits(url, timeout, token=token_from_env(),
+                        ca_file=os.environ.get(CA_FILE_ENV) or None)
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class RemoteLogits:
-    def __init__(self, url: str, timeout: float = 120.0) -> None:
+    """``token``: the service's bearer token; ``ca_file``: the CA that signed an https
+    service's certificate (a self-signed one, typically)."""
+
+    def __init__(self, url: str, timeout: float = 120.0, *, token: str | None = None,
+                 ca_file: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._info: SourceInfo | None = None
+        self._max_reply = 0  # the service's cap on one reply's bytes (0: none announced)
+        self._headers = {"Content-Type": "application/json"}
+        if token:
+            self._headers["Authorization"] = f"Bearer {token}"
+        https = self.url.startswith("https://")
+        if ca_file and not https:
+            raise ValueError(f"ca_file {ca_file} needs an https:// URL, not {self.url}")
+        self._ssl = ssl.create_default_context(cafile=ca_file) if https else None
+        if token and not https and not _is_loopback_url(self.url):
+            log.warning("sending the logits token in clear text to %s (use https)", self.url)
 
     def _request(self, path: str, payload: dict[str, Any] | None) -> tuple[bytes, Any]:
         data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.url + path, data=data, headers=self._headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self._ssl) as resp:
                 return resp.read(), resp.headers
         except urllib.error.HTTPError as e:
             body = e.read()
@@ -50,11 +117,15 @@ class RemoteLogits:
             raise LogitsServiceError(e.code, message) from None
         except urllib.error.URLError as e:
             raise LogitsServiceError(0, f"cannot reach {self.url}: {e.reason}") from None
+        except (OSError, http.client.HTTPException) as e:  # reset, refused at the cap, time-out
+            raise LogitsServiceError(0, f"{self.url}{path} failed: {e!r}") from None
 
     def info(self) -> SourceInfo:
         if self._info is None:
             body, _ = self._request("/info", None)
-            self._info = SourceInfo.from_dict(json.loads(body))
+            doc = json.loads(body)
+            self._info = SourceInfo.from_dict(doc)
+            self._max_reply = int(doc.get("max_response_bytes") or 0)
         return self._info
 
     def _logits(self, body: bytes, headers: Any, want: tuple[int, ...]
@@ -78,7 +149,18 @@ class RemoteLogits:
         return self._logits(body, headers, (len(tokens),))[1]
 
     def extend(self, session: str, tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(B, k, V) logits, asked for in as few requests as the service's reply cap allows
+        (the KV cache makes k tokens in pieces the same as k at once, up to float rounding)."""
         rows = [[int(t) for t in r] for r in tokens]
+        k = len(rows[0]) if rows else 0
+        per_token = len(rows) * self.info().logits_width * 4  # reply bytes of one more column
+        chunk = max(1, self._max_reply // per_token) if self._max_reply and per_token else k
+        if k <= chunk:
+            return self._extend(session, rows)
+        return torch.cat([self._extend(session, [r[j:j + chunk] for r in rows])
+                          for j in range(0, k, chunk)], dim=1)
+
+    def _extend(self, session: str, rows: list[list[int]]) -> torch.Tensor:
         body, headers = self._request("/extend", {"session": session, "tokens": rows})
         return self._logits(body, headers, (len(rows), len(rows[0]) if rows else 0))[1]
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.algorithms.fedpt.proxy import ProxyModel
-from fedtune.logits import LocalLogits, LogitsSource, RemoteLogits
+from fedtune.logits import LocalLogits, LogitsSource
+from fedtune.logits.remote import remote_from_env
 from fedtune.logits.service import ServiceProcess, spawn_service
 
 FORMAT = "fedtune-proxy-tuned/1"
@@ -58,8 +59,10 @@ def load_proxy(path: Path, *, large_url: str = "", large_access: str = "", devic
                dtype: str = "float32") -> LoadedProxy:
     """Load the proxy-tuned model of a run or product directory.
 
-    The large model is reached at ``large_url`` (or the manifest's URL); ``large_access =
-    'spawn'`` starts a service for it; otherwise it is loaded in this process.
+    The large model is reached at ``large_url`` (or the manifest's URL, which never holds a
+    credential: the token and CA come from the ``FEDTUNE_LOGITS_*`` variables,
+    :func:`fedtune.logits.remote.remote_from_env`); ``large_access = 'spawn'`` starts a service
+    for it; otherwise it is loaded in this process.
     """
     from fedtune.models.loading import load_model_and_tokenizer
 
@@ -75,10 +78,10 @@ def load_proxy(path: Path, *, large_url: str = "", large_access: str = "", devic
     service = None
     large: LogitsSource
     if url and large_access != "in-process":
-        large = RemoteLogits(url)
+        large = remote_from_env(url)
     elif large_access == "spawn":
         service = spawn_service(doc["large_model"], dtype=dtype)
-        large = RemoteLogits(service.url)
+        large = service.client()
     else:
         model, ltok = load_model_and_tokenizer(doc["large_model"], dtype, device)
         large = LocalLogits(model, ltok, name=doc["large_model"])

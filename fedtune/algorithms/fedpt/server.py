@@ -39,7 +39,8 @@ from fedtune.algorithms.fedpt.product import save_manifest
 from fedtune.algorithms.fedpt.proxy import ProxyModel
 from fedtune.data.prompts import end_of_turn_id, prompt_ids
 from fedtune.data.records import Record
-from fedtune.logits import LocalLogits, LogitsSource, RemoteLogits
+from fedtune.logits import LocalLogits, LogitsSource
+from fedtune.logits.remote import remote_from_env
 from fedtune.logits.service import ServiceProcess, spawn_service
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,14 @@ class FedPTServer:
         c = self.cfg
         if c.large_access == "url":
             log.info("FedPT: large model behind %s", c.large_url)
-            return RemoteLogits(c.large_url)
+            return remote_from_env(c.large_url)  # token and CA: FEDTUNE_LOGITS_* variables
         device = next(self.model.parameters()).device
         if c.large_access == "spawn":
             self.service = spawn_service(c.large_model, device=device.type)
             atexit.register(self.close)
             log.info("FedPT: started `fedtune serve-logits %s` (pid %d) on %s", c.large_model,
                      self.service.process.pid, self.service.url)
-            return RemoteLogits(self.service.url)
+            return self.service.client()  # with the token the service was given
         from fedtune.models.loading import load_model_and_tokenizer
 
         large, tok = load_model_and_tokenizer(c.large_model, "float32", device)
