@@ -21,8 +21,10 @@ def human_bytes(n: float) -> str:
 
 def rounds_table(rows: Sequence[dict[str, Any]]) -> str:
     """One line per round: losses, Rouge-L, bytes per client, wall time, peak memory."""
+    dp = any("epsilon" in r for r in rows)  # a private run: epsilon spent so far
     head = (f"{'round':>5} {'train_loss':>10} {'eval_loss':>9} {'rougeL':>7} {'up/client':>10} "
-            f"{'down/client':>11} {'wall_s':>7} {'peak_MB':>8}")
+            f"{'down/client':>11} {'wall_s':>7} {'peak_MB':>8}"
+            + (f" {'epsilon':>8}" if dp else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
@@ -30,7 +32,8 @@ def rounds_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_fmt(r.get('eval_loss'), '.4f'):>9} {_fmt(r.get('rougeL'), '.4f'):>7} "
             f"{human_bytes(r.get('bytes_up_per_client', 0)):>10} "
             f"{human_bytes(r.get('bytes_down_per_client', 0)):>11} "
-            f"{_fmt(r.get('wall_s'), '.1f'):>7} {_fmt(r.get('peak_memory_mb'), '.0f'):>8}")
+            f"{_fmt(r.get('wall_s'), '.1f'):>7} {_fmt(r.get('peak_memory_mb'), '.0f'):>8}"
+            + (f" {_fmt(r.get('epsilon'), '.3g'):>8}" if dp else ""))
     return "\n".join(lines)
 
 
@@ -49,6 +52,11 @@ def summary_text(summary: dict[str, Any]) -> str:
         f"  wall {summary['wall_s']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MB",
         f"  run directory: {summary['run_dir']}",
     ]
+    if summary.get("privacy"):
+        p = summary["privacy"]
+        out.insert(-1, f"  privacy: ({_fmt(p['epsilon'], '.3g')}, {p['delta']:.3g})-DP at the "
+                       f"client level (noise multiplier {p['noise_multiplier']:g}, clip "
+                       f"{p['clip_norm']:g}) after {summary.get('rounds_run')} rounds")
     if summary.get("model_dir"):
         out.append(f"  model: {summary['model_dir']}")
     if summary.get("plots"):

@@ -24,7 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fedtune.algorithms import METHODS, Device, DeviceEnv, MethodContext, Server
+from fedtune.algorithms.privacy import Accountant
 from fedtune.config import RunConfig, load_config, save_config
+from fedtune.configbase import check
 from fedtune.cpu import ThreadPolicy
 from fedtune.data.pipeline import all_texts, build_federated_data
 from fedtune.data.prompts import TokenizedExample, resolve_template, tokenize_records
@@ -131,7 +133,17 @@ class _Setup:
     device_half: Device
     device: torch.device
     progress: bool
+    accountant: Accountant | None = None  # with algorithm.dp: (epsilon, delta) by round
     answers: dict[str, list[str]] = field(default_factory=dict)  # base and final greedy answers
+
+    def epsilon(self, round_: int) -> float | None:
+        return None if self.accountant is None else self.accountant.epsilon(round_)
+
+    def privacy_ends(self, round_: int) -> bool:
+        """Whether one more round would spend more than ``algorithm.dp.target_epsilon``."""
+        target = self.cfg.algorithm.dp.target_epsilon
+        return (self.accountant is not None and target > 0
+                and self.accountant.epsilon(round_ + 1) > target)
 
 
 def _setup(cfg: RunConfig, run_dir: Path, progress: bool) -> _Setup:
@@ -161,7 +173,26 @@ def _setup(cfg: RunConfig, run_dir: Path, progress: bool) -> _Setup:
     server = method.server(ctx, model)
     device_half = method.device(ctx, model, DeviceEnv(shared=server.device_share))
     return _Setup(cfg, run_dir, model, tokenizer, template, clients, eval_records, server,
-                  device_half, resolve_device(cfg.model.device), progress)
+                  device_half, resolve_device(cfg.model.device), progress,
+                  _accountant(cfg, len(clients)))
+
+
+def _accountant(cfg: RunConfig, num_clients: int) -> Accountant | None:
+    """The run's privacy accountant (None without algorithm.dp); refuses a target epsilon that
+    not even one round can meet, before any round runs."""
+    dp = cfg.algorithm.dp
+    if not dp.enabled:
+        return None
+    acc = Accountant(dp.noise_multiplier, num_clients,
+                     cfg.federation.clients_in_round(num_clients), dp.delta)
+    log.warning("differential privacy: noise from algorithm.dp.noise_seed = %d, so this run is "
+                "reproducible; whoever knows that seed can remove the noise, so a real "
+                "deployment must draw it at random and keep it secret", dp.noise_seed)
+    first = acc.epsilon(1)
+    check(dp.target_epsilon == 0 or first <= dp.target_epsilon, "algorithm.dp.target_epsilon",
+          dp.target_epsilon, f"one round already spends epsilon = {first:.3g} (delta = "
+          f"{acc.delta:.3g}); raise the target or algorithm.dp.noise_multiplier")
+    return acc
 
 
 def _measure(s: _Setup, round_: int, final: bool) -> dict[str, float]:
@@ -231,6 +262,8 @@ def _round_row(s: _Setup, res: RoundResult, scores: dict[str, float],
         "accepted": len(res.losses), "rejected": res.rejected, "failed": res.failed,
         "wall_s": res.wall_s, "peak_memory_mb": peak_memory_mb(s.device),
     }
+    if s.accountant is not None:
+        row["epsilon"] = s.epsilon(res.round)
     row.update({k: v for k, v in scores.items() if k.startswith("small_")})  # FedPT
     return row
 
@@ -249,7 +282,8 @@ def _rounds(s: _Setup, engine: Engine, start_round: int, last: int, counters: di
         for r in range(start_round, last + 1):
             bar.set_description(f"round {r}/{fed.rounds}")
             res = engine.run_round(r, on_client=lambda _cid: bar.update(1))
-            scores = _measure(s, r, final=r == fed.rounds)
+            spent = s.privacy_ends(r)  # the privacy budget allows no further round
+            scores = _measure(s, r, final=r == fed.rounds or spent)
             counters["cum_bytes_up"] += sum(res.bytes_up)
             counters["cum_bytes_down"] += sum(res.bytes_down)
             counters["wall_s"] = clock()
@@ -261,6 +295,11 @@ def _rounds(s: _Setup, engine: Engine, start_round: int, last: int, counters: di
             threads.update()  # after the checkpoint: nothing between a round's row and it
             if stop is not None and stop(scores):  # FedPT's stopping rule
                 log.info("round %d: the target metric is reached; stopping", r)
+                return fed.rounds
+            if spent and r < fed.rounds:
+                log.warning("round %d: epsilon = %.4g; one more round would pass "
+                            "algorithm.dp.target_epsilon = %g; stopping", r, s.epsilon(r),
+                            s.cfg.algorithm.dp.target_epsilon)
                 return fed.rounds
     finally:
         bar.close()
@@ -276,6 +315,14 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
     per_round = cfg.federation.clients_in_round(len(s.clients))
     summary = build_summary(cfg, metrics.rows, len(s.clients), per_round, counters, run_dir,
                             model_dir, plots, s.device)
+    if s.accountant is not None:
+        dp = cfg.algorithm.dp
+        summary["privacy"] = {"epsilon": metrics.rows[-1].get("epsilon"),
+                              "delta": s.accountant.delta,
+                              "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
+                              "target_epsilon": dp.target_epsilon or None,
+                              "accountant": "dp_accounting RDP, sampling without replacement, "
+                                            "replace-one (client level)"}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     changes = None
     base_file = run_dir / BASE_ANSWERS
@@ -332,6 +379,7 @@ def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, 
     return {
         "algorithm": cfg.algorithm.name,
         "rounds": cfg.federation.rounds,
+        "rounds_run": final["round"],
         "num_clients": num_clients,
         "clients_per_round": per_round,
         "base": {"rougeL": base.get("rougeL"), "eval_loss": base.get("eval_loss")},

@@ -24,6 +24,7 @@ purpose             root, indices             tag    used for
 ``pool``            FedKSeed seed, K          ()     the K seeds of the pool (63-bit words)
 ``distill-prompts`` distill seed, round       (7,)   FedPT's distillation prompts
 ``distill-steps``   distill seed, round       (8,)   FedPT's distillation step seed
+``dp-noise``        DP noise seed, round      (9,)   the Gaussian noise of differential privacy
 =================== ========================  =====  ==========================================
 
 Dropout during local training is seeded with the client seed itself (``torch.manual_seed`` in a
@@ -37,7 +38,8 @@ import numpy as np
 
 TAGS: dict[str, tuple[int, ...]] = {
     "clients": (), "client": (), "batches": (), "seed-indices": (1,), "fresh-seeds": (2,),
-    "pool": (), "distill-prompts": (7,), "distill-steps": (8,)}
+    "pool": (), "distill-prompts": (7,), "distill-steps": (8,),
+    "dp-noise": (9,)}
 
 
 def sequence(root: int, purpose: str, *indices: int) -> np.random.SeedSequence:

@@ -70,12 +70,11 @@ def test_reply_weight_by_hand():
 def test_a_client_claiming_a_billion_samples(weighting, cap, want):
     """FedAvg's global model after one honest reply (4 samples, theta 0) and one claiming 10^9
     samples (theta 1): the share of the claim under each weighting."""
-    from fedtune.algorithms.aggregate import reply_weight
+    from fedtune.algorithms.aggregate import Rules
     from fedtune.algorithms.fedavg.server import FedAvgServer
     from fedtune.algorithms.fedavg.wire import Reply
 
-    server = FedAvgServer("fedavg", {"w": torch.zeros(1)},
-                          weight=lambda n: reply_weight(n, weighting, cap))
+    server = FedAvgServer("fedavg", {"w": torch.zeros(1)}, rules=Rules(weighting, cap))
     server.begin_round(1)
     server.accept(Reply(1, 4, 1.0, {"w": torch.zeros(1)}).encode())
     server.accept(Reply(1, 10**9, 1.0, {"w": torch.ones(1)}).encode())

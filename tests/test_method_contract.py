@@ -154,6 +154,7 @@ SMALL = [
     "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=4", "algorithm.fedmezo.tau=4",
     "algorithm.fedzo.tau=4", "algorithm.fedzo.lr=0.001", "algorithm.prompt.num_virtual_tokens=4",
     "federation.node_wait_s=5", "federation.reply_timeout_s=30",
+    "model.threads=1",  # equal runs must not depend on the load (reduction order)
 ]
 FEDPT = [
     f"model.path={json.dumps(str(BASE_MODELS / 'small'))}", "data.max_length=128",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
+from fedtune.algorithms.aggregate import Rules
 from fedtune.data.prompts import TokenizedExample
 from fedtune.data.records import Record
 
@@ -46,12 +47,16 @@ class MethodContext:
     pad_id: int
     tokenizer: Any = None
 
-    def weight(self, num_samples: int) -> float:
-        """A reply's weight in the server's mean (``algorithm.weighting``, capped by
-        ``algorithm.max_sample_weight``)."""
-        from fedtune.algorithms.aggregate import reply_weight
-
-        return reply_weight(num_samples, self.cfg.weighting, self.cfg.max_sample_weight)
+    def rules(self) -> Rules:
+        """How the server aggregates (``algorithm.weighting``, ``max_sample_weight``,
+        ``[algorithm.robust]``, ``[algorithm.dp]``). Both the robust clip and the privacy clip
+        apply: the smaller bound wins."""
+        c = self.cfg
+        clips = [b for b in (c.robust.max_update_norm,
+                             c.dp.clip_norm if c.dp.enabled else 0.0) if b > 0]
+        return Rules(c.weighting, c.max_sample_weight, c.robust.aggregation,
+                     c.robust.trim_fraction, min(clips, default=0.0), c.dp.noise_std(),
+                     c.dp.noise_seed, c.robust.max_round_change)
 
 
 @dataclass(frozen=True)

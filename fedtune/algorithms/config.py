@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.algorithms import METHODS
-from fedtune.algorithms.aggregate import WEIGHTINGS
+from fedtune.algorithms.aggregate import AGGREGATIONS, WEIGHTINGS
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedmezo.config import FedMeZOConfig
 from fedtune.algorithms.fedprompt.config import PromptConfig
 from fedtune.algorithms.fedpt.config import FedPTConfig
 from fedtune.algorithms.fedzo.config import FedZOConfig
+from fedtune.algorithms.privacy import DPConfig
 from fedtune.configbase import check, check_choices, option, section
 
 ALGORITHMS = tuple(METHODS)
@@ -37,6 +38,44 @@ class LoraConfig:
         check(0 <= self.dropout < 1, f"{prefix}.dropout", self.dropout, "must be in [0, 1)")
         check(len(self.target_modules) > 0 and all(isinstance(m, str) for m in self.target_modules),
               f"{prefix}.target_modules", self.target_modules, "must be a non-empty list of names")
+
+
+@dataclass
+class RobustConfig:
+    aggregation: str = option(
+        "mean", "How the server combines the round's updates: 'mean' (weighted by "
+                "algorithm.weighting, the papers'), or per coordinate (per seed for FedKSeed, per "
+                "parameter for the others) 'trimmed-mean' or 'median', unweighted, which a "
+                "minority of hostile clients cannot drag far (they keep every reply of a round "
+                "in memory).", AGGREGATIONS)
+    trim_fraction: float = option(
+        0.2, "'trimmed-mean': the fraction of the values dropped at each end of every "
+             "coordinate (ceil(fraction * replies) each side, leaving at least one).")
+    max_update_norm: float = option(
+        0.0, "Clip each client's update to this L2 norm on the server before aggregating "
+             "(FedKSeed: its vector of per-seed sums of g; the others: its change to the "
+             "trainable tensors). 0: no clip.")
+    max_round_change: float = option(
+        0.0, "Refuse a round whole (logged; the previous global state kept) if it would move "
+             "the global state by more than this L2 norm (FedKSeed: the change of the K "
+             "accumulators, whose model moves by about lr * sqrt(params) times it; the others: "
+             "the change of the trainable tensors). 0: no bound. A non-finite round is always "
+             "refused.")
+
+    def validate(self, prefix: str) -> None:
+        check_choices(self, prefix)
+        check(0 <= self.trim_fraction < 0.5, f"{prefix}.trim_fraction", self.trim_fraction,
+              "must be in [0, 0.5)")
+        check(self.max_update_norm >= 0, f"{prefix}.max_update_norm", self.max_update_norm,
+              "must be >= 0 (0: no clip)")
+        check(self.max_round_change >= 0, f"{prefix}.max_round_change",
+              self.max_round_change, "must be >= 0 (0: no bound)")
+
+    @property
+    def active(self) -> bool:
+        """Whether anything beyond the plain mean of the papers is asked for."""
+        return (self.aggregation != "mean" or self.max_update_norm > 0
+                or self.max_round_change > 0)
 
 
 @dataclass
@@ -67,6 +106,12 @@ class AlgorithmConfig:
     max_sample_weight: int = option(
         0, "With weighting = 'samples': cap a reply's weight at this many samples (0: no cap). "
            "A reported count is only a claim; the cap bounds what one client can outweigh.")
+    robust: RobustConfig = section(
+        RobustConfig, "Bounded influence of hostile clients: robust aggregation rules, update "
+                      "clipping and a bound on each round's move (every method).")
+    dp: DPConfig = section(
+        DPConfig, "Client-level differential privacy: clip each update, add Gaussian noise to "
+                  "the sum, report (epsilon, delta) every round (every method).")
     lora: LoraConfig = section(LoraConfig, "LoRA adapter settings (used by 'fedit', 'fedmezo').")
     fedkseed: FedKSeedConfig = section(
         FedKSeedConfig, "FedKSeed / FedKSeed-Pro settings (used by 'fedkseed', 'fedkseed-pro').")
@@ -92,6 +137,18 @@ class AlgorithmConfig:
               "must be >= 0")
         check(self.max_sample_weight >= 0, f"{prefix}.max_sample_weight",
               self.max_sample_weight, "must be >= 0 (0: no cap)")
+        self.robust.validate(f"{prefix}.robust")
+        self.dp.validate(f"{prefix}.dp")
+        if self.dp.enabled:
+            check(self.name != "fedkseed-pro", f"{prefix}.name", self.name,
+                  "differential privacy covers the per-seed sums, not FedKSeed-Pro's seed "
+                  "statistics (which travel in the clear); use 'fedkseed'")
+            check(self.weighting == "equal", f"{prefix}.weighting", self.weighting,
+                  "must be 'equal' with differential privacy (algorithm.dp.noise_multiplier "
+                  "> 0): a reply's weight must not depend on what the client says")
+            check(self.robust.aggregation == "mean", f"{prefix}.robust.aggregation",
+                  self.robust.aggregation, "must be 'mean' with differential privacy (the "
+                  "noise is calibrated to a sum of clipped updates)")
         self.lora.validate(f"{prefix}.lora")
         self.fedkseed.validate(f"{prefix}.fedkseed")
         self.fedmezo.validate(f"{prefix}.fedmezo")

@@ -42,11 +42,11 @@ FEDAVG = Method(
     traffic="the whole model, both ways",
     sections=(), prepare=prepare_full,
     server=lambda ctx, model: FedAvgServer(
-        "fedavg", trainable(model), weight=ctx.weight), device=backprop_device)
+        "fedavg", trainable(model), rules=ctx.rules()), device=backprop_device)
 
 FEDIT = Method(
     name="fedit", summary="FedAvg over LoRA adapters (FedIT, Zhang et al. 2024)",
     traffic="the LoRA adapters, both ways", sections=("lora",), prepare=prepare_lora,
     server=lambda ctx, model: FedAvgServer(
-        "fedit", trainable(model), weight=ctx.weight, export="lora"),
+        "fedit", trainable(model), rules=ctx.rules(), export="lora"),
     device=backprop_device)

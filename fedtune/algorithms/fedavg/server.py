@@ -7,8 +7,13 @@ tokens' parameters for the prompt methods). Each round, over the replies that pa
     theta <- sum_i (n_i / sum_k n_k) theta_i          (replies carry trained tensors)
     theta <- theta + sum_i (n_i / sum_k n_k) d_i      (``delta``: replies carry differences, FedZO)
 
-folded in as they arrive (:class:`fedtune.algorithms.aggregate.WeightedMean`). A round with no
+folded in as they arrive (:class:`fedtune.algorithms.aggregate.Aggregator`). A round with no
 valid reply keeps theta unchanged.
+
+With any of ``[algorithm.robust]`` / ``[algorithm.dp]`` the server works on updates instead:
+u_i = theta_i - theta (or d_i), each clipped to L2 norm C, combined by the configured rule (and
+noised), theta <- theta + U; a U that is not finite or longer than ``max_round_change`` is
+refused whole and theta kept.
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ from typing import Any, Literal
 
 import torch
 
-from fedtune.algorithms.aggregate import WeightedMean
+from fedtune.algorithms.aggregate import Aggregator, Rules, refusal
 from fedtune.algorithms.base import Evaluate, ReplyInfo, SeedSteps
 from fedtune.algorithms.fedavg.wire import Download, Reply
 from fedtune.algorithms.params import load_into, trainable
-from fedtune.wire import TensorSpec
+from fedtune.wire import MessageError, TensorSpec
 
 log = logging.getLogger(__name__)
 Export = Literal["model", "lora", "adapter"]
@@ -46,17 +51,18 @@ class FedAvgServer:
 
     def __init__(self, name: str, initial: Mapping[str, torch.Tensor], *,
                  export: Export = "model", delta: bool = False,
-                 weight: Callable[[int], float] = float) -> None:
+                 rules: Rules = Rules()) -> None:
         """``initial``: the trainable tensors by name (``trainable(prepared model)``);
-        ``weight``: a reply's weight from its reported sample count."""
+        ``rules``: how a round's replies are weighted and combined."""
         self.name = name
         self.theta = {k: v.detach().to("cpu").clone() for k, v in initial.items()}
         self.spec = TensorSpec.of(self.theta)
         self.export_kind: Export = export
         self.delta = delta
-        self.weight = weight
+        self.rules = rules
+        self.updates = delta or not rules.plain  # aggregate changes, not trained tensors
         self.round = 0
-        self._agg: WeightedMean | None = None
+        self._agg: Aggregator | None = None
         self.set_global = self._set_global
 
     def download(self, round_: int, client_id: int) -> bytes:
@@ -64,14 +70,19 @@ class FedAvgServer:
 
     def begin_round(self, round_: int) -> None:
         self.round = round_
-        self._agg = WeightedMean()
+        self._agg = self.rules.aggregator(round_)
 
     def accept(self, payload: bytes) -> ReplyInfo:
         """Validate (raises MessageError) before anything touches the aggregate."""
         if self._agg is None:
             raise RuntimeError("accept() called outside a round")
         reply = Reply.decode(payload, self.spec, expect_round=self.round)
-        self._agg.add(reply.tensors, self.weight(reply.num_samples))
+        tensors = reply.tensors
+        if self.updates and not self.delta:
+            tensors = {k: t.double() - self.theta[k].double() for k, t in tensors.items()}
+            if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
+                raise MessageError("the reply's change to the global tensors is not finite")
+        self._agg.add(tensors, self.rules.weight(reply.num_samples))
         return ReplyInfo(reply.num_samples, reply.train_loss)
 
     def end_round(self) -> None:
@@ -80,15 +91,25 @@ class FedAvgServer:
         if self._agg.count == 0:
             log.warning("round %d: no valid reply, the global model stays as it was", self.round)
         else:
-            mean = self._agg.result()
-            new = ({k: (v.double() + mean[k].double()).to(v.dtype) for k, v in self.theta.items()}
-                   if self.delta else mean)
-            if all(bool(torch.isfinite(v).all()) for v in new.values()):
-                self.theta = new
-            else:
-                log.error("round %d refused whole: the aggregate is not finite; the previous "
-                          "global model is kept", self.round)
+            if self._agg.clipped:
+                log.info("round %d: %d of %d updates clipped to L2 norm %g", self.round,
+                         self._agg.clipped, self._agg.count, self.rules.clip)
+            self._commit(self._agg.result())
         self._agg = None
+
+    def _commit(self, agg: dict[str, torch.Tensor]) -> None:
+        """Make the round's aggregate (an update, or the mean of the trained tensors) the new
+        theta, unless it is not finite or moves theta past the bound: then refuse it whole."""
+        reason = refusal(agg, self.rules.max_change) if self.updates else None
+        new = ({k: (v.double() + agg[k]).to(v.dtype) for k, v in self.theta.items()}
+               if self.updates else {k: v.to(self.theta[k].dtype) for k, v in agg.items()})
+        if reason is None and not all(bool(torch.isfinite(v).all()) for v in new.values()):
+            reason = "the new global tensors are not finite"
+        if reason is not None:
+            log.error("round %d refused whole: %s; the previous global model is kept",
+                      self.round, reason)
+            return
+        self.theta = new
 
     def _set_global(self, model: torch.nn.Module) -> None:
         self.theta = {n: p.detach().to("cpu").clone() for n, p in trainable(model).items()}

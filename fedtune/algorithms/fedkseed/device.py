@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedtune import seeds
+from fedtune.algorithms.aggregate import clip_l2
 from fedtune.algorithms.base import DeviceEnv
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedkseed.pro import clipped_abs
@@ -100,8 +101,13 @@ class FedKSeedDevice:
     """See :class:`fedtune.algorithms.base.Device`."""
 
     def __init__(self, cfg: FedKSeedConfig, pro: bool, pad_id: int, model: torch.nn.Module,
-                 env: DeviceEnv, shared: RoundModel | None = None) -> None:
+                 env: DeviceEnv, shared: RoundModel | None = None,
+                 update_clip: float = 0.0) -> None:
+        """``update_clip`` > 0: scale the reply's vector of per-seed sums to at most that L2
+        norm (the bound the server clips to anyway; differential privacy needs an honest
+        device to hold it itself)."""
         self.cfg, self.pro, self.pad_id = cfg, pro, pad_id
+        self.update_clip = update_clip
         self.param_names = list(trainable(model))
         if shared is not None:  # in process: the server's w0 and round-model cache
             self.round_model = shared
@@ -134,9 +140,11 @@ class FedKSeedDevice:
         if not stats.count:
             raise RuntimeError("every ZO step had a non-finite loss")
         idx = sorted(stats.count)
-        reply = Reply(round_, len(examples), loss,
-                      torch.tensor(idx, dtype=torch.int32),
-                      torch.tensor([stats.sum_g[j] for j in idx], dtype=torch.float32))
+        sums = torch.tensor([stats.sum_g[j] for j in idx], dtype=torch.float64)
+        if self.update_clip > 0:
+            sums = clip_l2({"g": sums}, self.update_clip)[0]["g"]
+        reply = Reply(round_, len(examples), loss, torch.tensor(idx, dtype=torch.int32),
+                      sums.to(torch.float32))
         if self.pro:
             reply.sum_abs_clip = torch.tensor([stats.sum_abs_clip[j] for j in idx],
                                               dtype=torch.float32)

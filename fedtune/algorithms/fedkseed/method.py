@@ -35,7 +35,8 @@ def prepare(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Module:
 def _device(pro: bool):  # noqa: ANN202
     def make(ctx: MethodContext, model: torch.nn.Module, env: DeviceEnv) -> FedKSeedDevice:
         shared = env.shared if isinstance(env.shared, RoundModel) else None
-        return FedKSeedDevice(ctx.cfg.fedkseed, pro, ctx.pad_id, model, env, shared)
+        return FedKSeedDevice(ctx.cfg.fedkseed, pro, ctx.pad_id, model, env, shared,
+                              update_clip=ctx.rules().clip)
 
     return make
 
@@ -47,12 +48,12 @@ FEDKSEED = Method(
     traffic="down: the K per-seed accumulators (or their change since the device's cached "
     "round); up: (seed index, sum g) per touched seed",
     sections=("fedkseed",), prepare=prepare,
-    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, False, model, ctx.weight),
+    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, False, model, ctx.rules()),
     device=_device(False))
 
 FEDKSEED_PRO = Method(
     name="fedkseed-pro", summary="FedKSeed with seeds sampled by their importance (Qin et al. "
     "2024)", traffic="FedKSeed's, plus the K seed probabilities down and sum abs(clip g) and a "
     "count per seed up", sections=("fedkseed",), prepare=prepare,
-    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, True, model, ctx.weight),
+    server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, True, model, ctx.rules()),
     device=_device(True))

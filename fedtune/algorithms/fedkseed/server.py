@@ -6,6 +6,10 @@ model is w0 − lr · Σ_j A_j z(s_j). Each round, over the replies that passed 
     A_j ← A_j + Σ_i w_i G_ij,   w_i = n_i / Σ_k n_k
 
 with G_ij client i's sum of g for seed j (0 when untouched): a sample-weighted *mean*, not a sum.
+With ``[algorithm.robust]`` / ``[algorithm.dp]`` each client's K-vector G_i is clipped to an L2
+norm, combined by the configured rule (per seed) and noised (K-dimensional noise: the update
+lives in R^K, not in the model's space); a round whose increment is not finite or longer than
+``max_round_change`` is refused whole.
 The increment is accumulated in float64 and A is rounded to float32 once per round, because the
 float32 A is what travels and what defines the model. FedKSeed-Pro also folds every reply's
 (Σ g, Σ|clip g|, count) into per-seed statistics (:mod:`.pro`) and recomputes the seed
@@ -27,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtune.algorithms.aggregate import Aggregator, Rules, refusal
 from fedtune.algorithms.base import Evaluate, ReplyInfo
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedkseed.pro import initial_stats, seed_probabilities
@@ -64,10 +69,10 @@ class FedKSeedServer:
     set_global: Callable[[torch.nn.Module], None] | None = None
 
     def __init__(self, cfg: FedKSeedConfig, pro: bool, model: torch.nn.Module | None = None,
-                 weight: Callable[[int], float] = float) -> None:
-        """``weight``: a reply's weight in the mean from its reported sample count."""
+                 rules: Rules = Rules()) -> None:
+        """``rules``: how a round's replies are weighted and combined."""
         self.cfg = cfg
-        self.weight = weight
+        self.rules = rules
         self.pro = pro
         self.name = "fedkseed-pro" if pro else "fedkseed"
         self.pool = seed_pool(cfg.seed, cfg.k_seeds)
@@ -83,10 +88,8 @@ class FedKSeedServer:
         self.accumulators = torch.zeros(k, dtype=torch.float32)
         self.sum_g, self.sum_abs_clip, self.count = initial_stats(k)
         self.round = 0
-        self._inc: np.ndarray | None = None
+        self._agg: Aggregator | None = None
         self._round_stats: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._total = 0.0
-        self._replies = 0
         self._download: bytes | None = None
         self._probs: torch.Tensor | None = None  # this round's, computed once in begin_round
         # A after each completed round (K floats a round), for devices that catch up from a
@@ -102,9 +105,8 @@ class FedKSeedServer:
     def begin_round(self, round_: int) -> None:
         k = self.cfg.k_seeds
         self.round = round_
-        self._inc = np.zeros(k)
+        self._agg = self.rules.aggregator(round_)
         self._round_stats = (np.zeros(k), np.zeros(k), np.zeros(k))
-        self._total, self._replies = 0.0, 0
         self._probs = (torch.from_numpy(self.probabilities()).to(torch.float32) if self.pro
                        else None)
         # the same bytes go to every client of the round: encode once
@@ -129,47 +131,56 @@ class FedKSeedServer:
 
     def accept(self, payload: bytes) -> ReplyInfo:
         """Validate (raises MessageError) before anything touches the aggregate."""
-        if self._inc is None or self._round_stats is None:
+        if self._agg is None or self._round_stats is None:
             raise RuntimeError("accept() called outside a round")
         c = self.cfg
         reply = Reply.decode(payload, c.k_seeds, self.pro, c.clip, expect_round=self.round)
         check_possible(reply, c.tau, c.g_max)
         idx = reply.index.long().numpy()
-        w = self.weight(reply.num_samples)
-        self._inc[idx] += w * reply.sum_g.double().numpy()
+        g = torch.zeros(c.k_seeds, dtype=torch.float64)
+        g[reply.index.long()] = reply.sum_g.double()
+        self._agg.add({"g": g}, self.rules.weight(reply.num_samples))
         sg, sa, cnt = self._round_stats
         sg[idx] += reply.sum_g.double().numpy()
         if reply.sum_abs_clip is not None and reply.count is not None:
             sa[idx] += reply.sum_abs_clip.double().numpy()
             cnt[idx] += reply.count.double().numpy()
-        self._total += w
-        self._replies += 1
         return ReplyInfo(reply.num_samples, reply.train_loss)
 
     def end_round(self) -> None:
-        if self._inc is None or self._round_stats is None:
+        if self._agg is None or self._round_stats is None:
             raise RuntimeError("end_round() called outside a round")
-        a = self.accumulators.double().numpy() + self._inc / max(self._total, 1.0)
-        new = torch.from_numpy(a).to(torch.float32)
-        if self._replies == 0:
+        if self._agg.count == 0:
             log.warning("round %d: no valid reply, the global model stays as it was", self.round)
-        elif not bool(torch.isfinite(new).all()):
-            log.error("round %d refused whole: the aggregate would make the accumulators "
-                      "non-finite; the previous global model is kept", self.round)
+        elif isinstance(new := self._next_accumulators(self._agg), str):
+            log.error("round %d refused whole: %s; the previous global model is kept",
+                      self.round, new)
         else:
             self.accumulators = new
             sg, sa, cnt = self._round_stats
             self.sum_g, self.sum_abs_clip, self.count = (
                 self.sum_g + sg, self.sum_abs_clip + sa, self.count + cnt)
         self.history[self.round] = self.accumulators.clone()
-        self._inc, self._round_stats, self._download = None, None, None
+        self._agg, self._round_stats, self._download = None, None, None
+
+    def _next_accumulators(self, agg: Aggregator) -> torch.Tensor | str:
+        """The accumulators after this round, or why the round's increment must not commit."""
+        if agg.clipped:
+            log.info("round %d: %d of %d K-vectors clipped to L2 norm %g", self.round,
+                     agg.clipped, agg.count, self.rules.clip)
+        inc = agg.result()
+        reason = refusal(inc, self.rules.max_change)
+        new = (self.accumulators.double() + inc["g"]).to(torch.float32)
+        if reason is None and not bool(torch.isfinite(new).all()):
+            reason = "the accumulators would not be finite"
+        return new if reason is None else reason
 
     def add_server_steps(self, sum_g: Mapping[int, float]) -> None:
         """Fold ZO steps the server itself took after ``end_round`` (FedPT's distillation, its
         seeds from the same pool) into A: A_j ← A_j + Σ g_j, so the devices' replay of A
         includes them. Pro statistics are left alone: they rank seeds by the devices' gradients.
         """
-        if self._inc is not None:
+        if self._agg is not None:
             raise RuntimeError("add_server_steps() must come after end_round()")
         a = self.accumulators.double().numpy().copy()
         for j, g in sum_g.items():

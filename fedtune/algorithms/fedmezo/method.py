@@ -38,5 +38,5 @@ FEDMEZO = Method(
     "zeroth-order steps with fresh seeds (as in Qin et al. 2024)",
     traffic="the LoRA adapters, both ways", sections=("fedmezo", "lora"), prepare=prepare,
     server=lambda ctx, model: FedAvgServer(
-        "fedmezo", trainable(model), weight=ctx.weight, export="lora"),
+        "fedmezo", trainable(model), rules=ctx.rules(), export="lora"),
     device=device)

@@ -45,12 +45,12 @@ FEDPROMPT = Method(
     "2023)", traffic="the virtual-token embeddings, both ways", sections=("prompt",),
     prepare=prepare_prompt,
     server=lambda ctx, model: FedAvgServer(
-        "fedprompt", trainable(model), weight=ctx.weight, export="adapter"),
+        "fedprompt", trainable(model), rules=ctx.rules(), export="adapter"),
     device=backprop_device)
 
 FEDPTUNING = Method(
     name="fedptuning", summary="FedAvg over a P-tuning prompt encoder (Liu et al. 2021)",
     traffic="the prompt encoder, both ways", sections=("prompt",), prepare=prepare_ptuning,
     server=lambda ctx, model: FedAvgServer(
-        "fedptuning", trainable(model), weight=ctx.weight, export="adapter"),
+        "fedptuning", trainable(model), rules=ctx.rules(), export="adapter"),
     device=backprop_device)

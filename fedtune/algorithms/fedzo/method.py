@@ -29,4 +29,4 @@ FEDZO = Method(
     "fresh seed (FedZO, Fang et al. 2022)",
     traffic="down: the whole model; up: its change", sections=("fedzo",), prepare=prepare,
     server=lambda ctx, model: FedAvgServer(
-        "fedzo", trainable(model), weight=ctx.weight, delta=True), device=device)
+        "fedzo", trainable(model), rules=ctx.rules(), delta=True), device=device)
