@@ -98,7 +98,8 @@ def test_noise_is_added_to_the_sum_from_its_own_stream():
 
 def fedkseed_cfg(**robust) -> AlgorithmConfig:
     cfg = AlgorithmConfig(name="fedkseed")
-    cfg.fedkseed = FedKSeedConfig(k_seeds=16, tau=6, lr=1e-3)
+    # g_max off: the per-reply check would refuse these attacks before any rule saw them
+    cfg.fedkseed = FedKSeedConfig(k_seeds=16, tau=6, lr=1e-3, g_max=0.0)
     for k, v in robust.items():
         setattr(cfg.robust, k, v)
     cfg.validate()
