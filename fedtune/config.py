@@ -24,6 +24,7 @@ from fedtune.configbase import ConfigError, check, option, section
 from fedtune.data.config import DataConfig
 from fedtune.eval.config import EvalConfig
 from fedtune.federation.config import FederationConfig
+from fedtune.federation.secagg import check_config as check_secagg
 from fedtune.models.config import ModelConfig
 
 
@@ -77,6 +78,8 @@ class RunConfig:
         check(per_round <= self.data.num_clients, key, getattr(self.federation, key.split(".")[1]),
               f"asks for {per_round} clients per round but data.num_clients = "
               f"{self.data.num_clients}")
+        if self.federation.secure_aggregation:
+            check_secagg(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -106,6 +106,9 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool =
     ``engine`` builds the engine that runs the rounds (default: :class:`InProcessEngine`; the
     Flower ServerApp passes one that sends the same bytes to SuperNodes).
     """
+    check(engine is not None or not cfg.federation.secure_aggregation,
+          "federation.secure_aggregation", True, "only the Flower engine aggregates securely "
+          "(`fedtune flower local|run`); in process the server half sees every reply")
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _add_file_log(run_dir)

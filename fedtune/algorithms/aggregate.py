@@ -214,6 +214,15 @@ class Rules:
     def weight(self, num_samples: int) -> float:
         return reply_weight(num_samples, self.weighting, self.max_sample_weight)
 
+    def check_total(self, num_samples: Sequence[int], total_weight: float) -> str | None:
+        """Why ``total_weight`` is not the weight of a mean of replies with these sample counts
+        (None: it is), for a mean the server did not compute itself (secure aggregation)."""
+        want = float(sum(self.weight(n) for n in num_samples))
+        if not num_samples or not math.isclose(total_weight, want, rel_tol=1e-9):
+            return (f"a mean of weight {total_weight:g} over {len(num_samples)} replies whose "
+                    f"sample counts give {want:g}")
+        return None
+
     def aggregator(self, round_: int) -> Aggregator:
         """The round's aggregator; its noise stream depends on (noise seed, round) only, so a
         resumed run draws what an uninterrupted one would."""

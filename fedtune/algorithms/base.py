@@ -7,8 +7,10 @@ memory: the device half trains it in place, the server half keeps the global sta
 and loads it into the model for evaluation and export.
 
 Optional capabilities are explicit members that are ``None`` when a method lacks them (never
-found by ``getattr``): delta downloads, its own evaluation, a stopping rule, and the two ways a
-server may fold steps of its own into the global state (FedPT's distillation).
+found by ``getattr``): delta downloads, its own evaluation, a stopping rule, the two ways a
+server may fold steps of its own into the global state (FedPT's distillation), and secure
+aggregation (a server folds a round's mean without seeing one reply; the method's row says how
+a device turns its reply into the update that is averaged).
 
 A method is a :class:`Method` row in :data:`fedtune.algorithms.METHODS`: its name, the config
 sub-tables it reads, how it prepares the base model, and its server and device factories.
@@ -100,6 +102,30 @@ class SeedSteps(Protocol):
     def add_server_steps(self, sum_g: Mapping[int, float]) -> None: ...
 
 
+class AcceptMean(Protocol):
+    """Secure aggregation: fold a round's securely aggregated updates in one go.
+
+    ``mean`` = sum_i w_i u_i / sum_i w_i over the replies the server never saw one by one (u_i:
+    what :attr:`Method.update_of` gives for reply i), ``total_weight`` = sum_i w_i (the rules'
+    weights of the replies' sample counts), ``infos`` the replies' clear-text counts and losses,
+    ``error`` a bound on each coordinate's distance from the exact mean (quantisation). For the
+    mean rule this equals accepting every reply; the per-reply checks cannot run on a mean, so
+    only what a mean of valid replies must satisfy is checked (MessageError if not; the state
+    is left unchanged)."""
+
+    def __call__(self, mean: Mapping[str, torch.Tensor], total_weight: float,
+                 infos: Sequence[ReplyInfo], *, error: float = 0.0) -> None: ...
+
+
+class UpdateOf(Protocol):
+    """A device's side of secure aggregation: (context, the trained model, the download, the
+    device's reply, the round) -> the reply's update as the server averages it (named float64
+    tensors, the same names and shapes every round) and its clear-text counts (ReplyInfo)."""
+
+    def __call__(self, ctx: MethodContext, model: torch.nn.Module, download: bytes,
+                 reply: bytes, round_: int) -> tuple[dict[str, torch.Tensor], ReplyInfo]: ...
+
+
 class Server(Protocol):
     name: str
     # -- optional capabilities (None when absent; read-only) ------------------------------
@@ -128,6 +154,11 @@ class Server(Protocol):
     def set_global(self) -> Callable[[torch.nn.Module], None] | None:
         """Server steps folded in as weights: the model's trainable tensors become the global
         state."""
+        ...
+
+    @property
+    def accept_mean(self) -> AcceptMean | None:
+        """Secure aggregation: the round's mean of updates instead of its replies."""
         ...
 
     @property
@@ -194,3 +225,6 @@ class Method:
     """Make the base model the method's model (LoRA, prompt encoder, fp32): same on both sides."""
     server: Callable[[MethodContext, torch.nn.Module], Server]
     device: Callable[[MethodContext, torch.nn.Module, DeviceEnv], Device]
+    update_of: UpdateOf | None = None
+    """Secure aggregation (Flower engine): a reply's update; None: the method cannot aggregate
+    securely (its server needs each reply)."""

@@ -45,6 +45,40 @@ class FederationConfig:
         "Flower engine: seconds the server waits at start for a SuperNode holding every "
         "partition (then it starts with those present; a missing one counts as failed).",
     )
+    secure_aggregation: bool = option(
+        False,
+        "Flower engine (fedkseed, fedit, fedavg): aggregate with Flower's SecAgg+, so the server "
+        "learns only the weighted mean of the replies' updates, never one of them (sample "
+        "counts and train losses still travel in clear). The mean is quantised: equal to the "
+        "plain path's within a few steps of 2 * secagg_clipping_range / "
+        "secagg_quantization_range per value, not bit for bit. Needs >= 2 clients per round, "
+        "robust.aggregation = 'mean', a max_sample_weight with 'samples' weighting and, for "
+        "FedKSeed, fedkseed.g_max > 0.",
+    )
+    secagg_clipping_range: float = option(
+        0.0,
+        "SecAgg+: every value a device sends is clipped to [-range, range] before it is "
+        "quantised (a device logs each value it clips). 0: FedKSeed tau * g_max, the largest "
+        "per-seed sum tau clipped steps can give (nothing is clipped); the others 8.0, Flower's "
+        "default, for their updates (trained tensors minus the download).",
+    )
+    secagg_quantization_range: int = option(
+        1 << 22,
+        "SecAgg+: values are rounded (stochastically) to this many levels over the clipping "
+        "range; with the 2^32 modulus, clients per round * this must stay below 2^32.",
+    )
+    secagg_num_shares: float = option(
+        1.0,
+        "SecAgg+: the share of the round's devices each device's secrets are split among "
+        "(Flower's num_shares as a fraction; 1.0: all of them, below: SecAgg+'s neighbours, "
+        "cheaper for large rounds).",
+    )
+    secagg_reconstruction_threshold: float = option(
+        0.6,
+        "SecAgg+: the share of those shares needed to rebuild a device's secrets (at least 2): "
+        "higher resists more devices colluding with the server, lower survives more dropouts "
+        "during training.",
+    )
 
     def validate(self, prefix: str = "federation") -> None:
         check_choices(self, prefix)
@@ -56,6 +90,14 @@ class FederationConfig:
         check(self.min_replies >= 1, f"{prefix}.min_replies", self.min_replies, "must be >= 1")
         for key in ("reply_timeout_s", "node_wait_s"):
             check(getattr(self, key) > 0, f"{prefix}.{key}", getattr(self, key), "must be > 0")
+        check(self.secagg_clipping_range >= 0, f"{prefix}.secagg_clipping_range",
+              self.secagg_clipping_range, "must be >= 0 (0: the method's default)")
+        check(2 <= self.secagg_quantization_range < 1 << 31, f"{prefix}.secagg_quantization_range",
+              self.secagg_quantization_range,
+              "must be in [2, 2^31) (Flower rounds the levels into int32)")
+        for key in ("secagg_num_shares", "secagg_reconstruction_threshold"):
+            check(0 < getattr(self, key) <= 1, f"{prefix}.{key}", getattr(self, key),
+                  "must be in (0, 1]")
 
     def clients_in_round(self, num_clients: int) -> int:
         """How many clients a round samples out of ``num_clients``."""

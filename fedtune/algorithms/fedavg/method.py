@@ -12,7 +12,7 @@ import torch
 
 from fedtune.algorithms.base import DeviceEnv, Method, MethodContext
 from fedtune.algorithms.fedavg.device import BackpropDevice
-from fedtune.algorithms.fedavg.server import FedAvgServer
+from fedtune.algorithms.fedavg.server import FedAvgServer, update_of
 from fedtune.algorithms.params import trainable
 
 
@@ -42,11 +42,12 @@ FEDAVG = Method(
     traffic="the whole model, both ways",
     sections=(), prepare=prepare_full,
     server=lambda ctx, model: FedAvgServer(
-        "fedavg", trainable(model), rules=ctx.rules()), device=backprop_device)
+        "fedavg", trainable(model), rules=ctx.rules()), device=backprop_device,
+    update_of=update_of)
 
 FEDIT = Method(
     name="fedit", summary="FedAvg over LoRA adapters (FedIT, Zhang et al. 2024)",
     traffic="the LoRA adapters, both ways", sections=("lora",), prepare=prepare_lora,
     server=lambda ctx, model: FedAvgServer(
         "fedit", trainable(model), rules=ctx.rules(), export="lora"),
-    device=backprop_device)
+    device=backprop_device, update_of=update_of)

@@ -14,25 +14,41 @@ With any of ``[algorithm.robust]`` / ``[algorithm.dp]`` the server works on upda
 u_i = theta_i - theta (or d_i), each clipped to L2 norm C, combined by the configured rule (and
 noised), theta <- theta + U; a U that is not finite or longer than ``max_round_change`` is
 refused whole and theta kept.
+
+With secure aggregation (Flower engine) the server receives only the round's weighted mean of
+the updates u_i (trained tensors minus the download; :func:`update_of`) and folds theta + mean
+as the one entry of the round, which is the same theta as the mean of the trained tensors.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from fedtune.algorithms.aggregate import Aggregator, Rules, refusal
-from fedtune.algorithms.base import Evaluate, ReplyInfo, SeedSteps
+from fedtune.algorithms.base import AcceptMean, Evaluate, MethodContext, ReplyInfo, SeedSteps
 from fedtune.algorithms.fedavg.wire import Download, Reply
 from fedtune.algorithms.params import load_into, trainable
 from fedtune.wire import MessageError, TensorSpec
 
 log = logging.getLogger(__name__)
 Export = Literal["model", "lora", "adapter"]
+
+
+def update_of(ctx: MethodContext, model: torch.nn.Module, download: bytes, reply: bytes,
+              round_: int) -> tuple[dict[str, torch.Tensor], ReplyInfo]:
+    """Secure aggregation, on the device: the reply's trained tensors minus the download's
+    (float64). Their mean plus theta is the plain path's mean of the trained tensors, and a
+    change is small and centred, so a narrow clipping range quantises it finely."""
+    spec = TensorSpec.of(trainable(model))
+    down = Download.decode(download, spec)
+    got = Reply.decode(reply, spec, expect_round=round_)
+    update = {k: t.double() - down.tensors[k].double() for k, t in got.tensors.items()}
+    return update, ReplyInfo(got.num_samples, got.train_loss)
 
 
 class FedAvgServer:
@@ -64,6 +80,7 @@ class FedAvgServer:
         self.round = 0
         self._agg: Aggregator | None = None
         self.set_global = self._set_global
+        self.accept_mean: AcceptMean | None = self._accept_mean
 
     def download(self, round_: int, client_id: int) -> bytes:
         return Download(round_, self.theta).encode()
@@ -84,6 +101,25 @@ class FedAvgServer:
                 raise MessageError("the reply's change to the global tensors is not finite")
         self._agg.add(tensors, self.rules.weight(reply.num_samples))
         return ReplyInfo(reply.num_samples, reply.train_loss)
+
+    def _accept_mean(self, mean: Mapping[str, torch.Tensor], total_weight: float,
+                     infos: Sequence[ReplyInfo], *, error: float = 0.0) -> None:
+        """Fold a securely aggregated round: ``mean`` = sum_i w_i u_i / sum_i w_i of the
+        replies' changes u_i (the differences themselves for ``delta`` methods). Checked: its
+        weight, names, shapes and finiteness; ``end_round`` then applies the round's bounds."""
+        if self._agg is None:
+            raise RuntimeError("accept_mean() called outside a round")
+        why = self.rules.check_total([i.num_samples for i in infos], total_weight)
+        if why is not None:
+            raise MessageError(f"secure mean refused: {why}")
+        shapes = {k: tuple(v.shape) for k, v in mean.items()}
+        if shapes != {k: tuple(v.shape) for k, v in self.theta.items()}:
+            raise MessageError(f"secure mean's tensors {shapes} do not match the global ones")
+        update = {k: v.detach().to("cpu", torch.float64) for k, v in mean.items()}
+        if not all(bool(torch.isfinite(t).all()) for t in update.values()):
+            raise MessageError("secure mean holds non-finite values")
+        self._agg.add(update if self.updates else
+                      {k: self.theta[k].double() + u for k, u in update.items()}, total_weight)
 
     def end_round(self) -> None:
         if self._agg is None:

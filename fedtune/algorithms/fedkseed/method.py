@@ -18,7 +18,7 @@ import torch
 from fedtune.algorithms.base import DeviceEnv, Method, MethodContext
 from fedtune.algorithms.fedkseed.device import FedKSeedDevice
 from fedtune.algorithms.fedkseed.replay import RoundModel
-from fedtune.algorithms.fedkseed.server import FedKSeedServer
+from fedtune.algorithms.fedkseed.server import FedKSeedServer, update_of
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ FEDKSEED = Method(
     "round); up: (seed index, sum g) per touched seed",
     sections=("fedkseed",), prepare=prepare,
     server=lambda ctx, model: FedKSeedServer(ctx.cfg.fedkseed, False, model, ctx.rules()),
-    device=_device(False))
+    device=_device(False), update_of=update_of)
 
 FEDKSEED_PRO = Method(
     name="fedkseed-pro", summary="FedKSeed with seeds sampled by their importance (Qin et al. "

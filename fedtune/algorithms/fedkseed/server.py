@@ -14,6 +14,8 @@ The increment is accumulated in float64 and A is rounded to float32 once per rou
 float32 A is what travels and what defines the model. FedKSeed-Pro also folds every reply's
 (Σ g, Σ|clip g|, count) into per-seed statistics (:mod:`.pro`) and recomputes the seed
 probabilities once per round, in ``begin_round``. A round with no valid reply changes nothing.
+With secure aggregation (Flower engine, FedKSeed only) the server gets just the round's mean of
+the G_i (:meth:`FedKSeedServer._accept_mean`) and the Pro statistics are not updated.
 
 The server half also holds w0 (a float32 copy of the trainable parameters, to evaluate and
 export the global model w0 − lr · Σ_j A_j z(s_j)); a real server needs only the K numbers plus w0
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ import numpy as np
 import torch
 
 from fedtune.algorithms.aggregate import Aggregator, Rules, refusal
-from fedtune.algorithms.base import Evaluate, ReplyInfo
+from fedtune.algorithms.base import AcceptMean, Evaluate, MethodContext, ReplyInfo
 from fedtune.algorithms.fedkseed.config import FedKSeedConfig
 from fedtune.algorithms.fedkseed.pro import initial_stats, seed_probabilities
 from fedtune.algorithms.fedkseed.replay import RoundModel, seed_pool
@@ -61,6 +63,24 @@ def check_possible(reply: Reply, tau: int, g_max: float) -> None:
                                f"{tau} steps clipped to |g| <= {g_max:g} can give")
 
 
+def dense_sums(reply: Reply, k_seeds: int) -> torch.Tensor:
+    """G_i: the reply's per-seed sums of g as a dense (K,) float64 vector, 0 for untouched
+    seeds (what the server aggregates; also a device's update under secure aggregation)."""
+    g = torch.zeros(k_seeds, dtype=torch.float64)
+    g[reply.index.long()] = reply.sum_g.double()
+    return g
+
+
+def update_of(ctx: MethodContext, model: torch.nn.Module, download: bytes, reply: bytes,
+              round_: int) -> tuple[dict[str, torch.Tensor], ReplyInfo]:
+    """Secure aggregation, on the device: its reply as the update ``{"g": G_i}`` (FedKSeed only:
+    Pro's statistics need each reply)."""
+    c = ctx.cfg.fedkseed
+    got = Reply.decode(reply, c.k_seeds, False, c.clip, expect_round=round_)
+    check_possible(got, c.tau, c.g_max)
+    return {"g": dense_sums(got, c.k_seeds)}, ReplyInfo(got.num_samples, got.train_loss)
+
+
 class FedKSeedServer:
     """See :class:`fedtune.algorithms.base.Server`; also its own :class:`SeedSteps`."""
 
@@ -79,6 +99,7 @@ class FedKSeedServer:
         self.lr, self.eps = cfg.lr, cfg.zo_eps
         self.download_since = self._download_since
         self.seed_steps = self
+        self.accept_mean: AcceptMean | None = None if pro else self._accept_mean
         params = trainable(model) if model is not None else {}
         self.param_names = list(params)
         self.round_model = RoundModel([p.detach().clone() for p in params.values()], self.pool,
@@ -137,15 +158,45 @@ class FedKSeedServer:
         reply = Reply.decode(payload, c.k_seeds, self.pro, c.clip, expect_round=self.round)
         check_possible(reply, c.tau, c.g_max)
         idx = reply.index.long().numpy()
-        g = torch.zeros(c.k_seeds, dtype=torch.float64)
-        g[reply.index.long()] = reply.sum_g.double()
-        self._agg.add({"g": g}, self.rules.weight(reply.num_samples))
+        self._agg.add({"g": dense_sums(reply, c.k_seeds)}, self.rules.weight(reply.num_samples))
         sg, sa, cnt = self._round_stats
         sg[idx] += reply.sum_g.double().numpy()
         if reply.sum_abs_clip is not None and reply.count is not None:
             sa[idx] += reply.sum_abs_clip.double().numpy()
             cnt[idx] += reply.count.double().numpy()
         return ReplyInfo(reply.num_samples, reply.train_loss)
+
+    def _accept_mean(self, mean: Mapping[str, torch.Tensor], total_weight: float,
+                     infos: Sequence[ReplyInfo], *, error: float = 0.0) -> None:
+        """Fold a securely aggregated round: ``mean`` = {"g": sum_i w_i G_i / sum_i w_i}.
+
+        What each reply's check (:func:`check_possible`) implies for their mean is checked
+        instead, each bound widened by the quantisation ``error`` per seed: finite, and with
+        g_max > 0, |mean_j| <= tau g_max and sum_j |mean_j| <= tau g_max (a weighted mean of
+        vectors inside that L1 ball is inside it).
+        """
+        if self._agg is None:
+            raise RuntimeError("accept_mean() called outside a round")
+        c = self.cfg
+        why = self.rules.check_total([i.num_samples for i in infos], total_weight)
+        if why is not None:
+            raise MessageError(f"secure mean refused: {why}")
+        g = mean.get("g")
+        if set(mean) != {"g"} or g is None or tuple(g.shape) != (c.k_seeds,):
+            raise MessageError(f"secure mean has tensors {sorted(mean)} of shapes "
+                               f"{[tuple(t.shape) for t in mean.values()]}; expected g of "
+                               f"shape ({c.k_seeds},)")
+        g = g.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(g).all()):
+            raise MessageError("secure mean holds non-finite values")
+        if c.g_max > 0:
+            bound = c.tau * c.g_max * (1 + 1e-6)
+            top, total = float(g.abs().max()), float(g.abs().sum())
+            if top > bound + error or total > bound + c.k_seeds * error:
+                raise MessageError(f"secure mean (max |mean_j| = {top:.4g}, sum = {total:.4g})"
+                                   f" exceeds what {c.tau} steps clipped to |g| <= {c.g_max:g}"
+                                   " can give")
+        self._agg.add({"g": g}, total_weight)
 
     def end_round(self) -> None:
         if self._agg is None or self._round_stats is None:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from fedtune import seeds
-from fedtune.algorithms.base import Evaluate, ReplyInfo, SeedSteps, Server
+from fedtune.algorithms.base import AcceptMean, Evaluate, ReplyInfo, SeedSteps, Server
 from fedtune.algorithms.fedpt.config import FedPTConfig
 from fedtune.algorithms.fedpt.distill import distill, distill_zo, mean_kl, teacher_targets
 from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
@@ -78,6 +78,7 @@ class FedPTServer:
 
     seed_steps: SeedSteps | None = None
     set_global: Callable[[torch.nn.Module], None] | None = None
+    accept_mean: AcceptMean | None = None
 
     def __init__(self, cfg: FedPTConfig, inner: Server, model: torch.nn.Module, pad_id: int,
                  tokenizer: Any) -> None:

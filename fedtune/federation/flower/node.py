@@ -32,7 +32,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedtune.algorithms import Method, MethodContext
+    from fedtune.config import RunConfig
+    from fedtune.federation.secagg import DeviceUpdate
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "FEDTUNE_FLOWER_CACHE"  # the default cache-dir's parent (simulation: no node config)
@@ -125,6 +132,38 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
     Returns the reply bytes and the round whose global model the node now keeps in its cache
     (-1: none; FedKSeed with ``federation.delta_downloads`` keeps this round's start model).
     """
+    played = _play(settings, digest, config_text, round_, client_id, seed, payload, False)
+    return played.reply, played.holds
+
+
+def secure_node_round(settings: NodeSettings, digest: str, config_text: str, round_: int,
+                      client_id: int, seed: int, payload: bytes) -> tuple[DeviceUpdate, int]:
+    """:func:`node_round` inside SecAgg+: the same device round, then its reply as the update
+    the server averages (the method's ``update_of``, clipped as the run's rules and SecAgg+'s
+    clipping range say) instead of the reply bytes."""
+    from fedtune.federation.secagg import device_update, params_of
+
+    p = _play(settings, digest, config_text, round_, client_id, seed, payload, True)
+    if p.method.update_of is None:
+        raise NodeConfigError(f"{p.method.name} cannot aggregate securely")
+    update, info = p.method.update_of(p.ctx, p.model, payload, p.reply, round_)
+    return device_update(update, info, params_of(p.cfg), p.ctx.rules().clip), p.holds
+
+
+@dataclass
+class _Played:
+    """A node's round: what it ran with, the trained model and its reply."""
+
+    cfg: RunConfig
+    method: Method
+    ctx: MethodContext
+    model: torch.nn.Module
+    reply: bytes
+    holds: int
+
+
+def _play(settings: NodeSettings, digest: str, config_text: str, round_: int, client_id: int,
+          seed: int, payload: bytes, secure: bool) -> _Played:
     import torch
 
     from fedtune.algorithms import METHODS, DeviceEnv, MethodContext
@@ -145,6 +184,10 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
                               f"run has data.num_clients = {n}")
     if not 0 <= client_id < n:
         raise NodeConfigError(f"partition-id {client_id} outside the run's {n} clients")
+    if cfg.federation.secure_aggregation != secure:
+        raise NodeConfigError("the run asks for secure aggregation: this node sends its update "
+                              "only through SecAgg+" if not secure else
+                              "a SecAgg+ task for a run without federation.secure_aggregation")
     if cfg.model.trust_remote_code and not settings.trust_remote_code:
         raise NodeConfigError("the run asks for model.trust_remote_code; this node runs no "
                               "downloaded model code unless its node config says "
@@ -187,4 +230,5 @@ def node_round(settings: NodeSettings, digest: str, config_text: str, round_: in
     device = method.device(ctx, prepared, env)
     log.info("node of partition %d: round %d, %d examples, model %s", client_id, round_,
              len(examples), model_path)
-    return device.round(prepared, payload, examples, round_, seed), device.kept_round(round_)
+    reply = device.round(prepared, payload, examples, round_, seed)
+    return _Played(cfg, method, ctx, prepared, reply, device.kept_round(round_))

@@ -26,6 +26,7 @@ from fedtune.algorithms.base import Device, Server
 from fedtune.config import load_config
 from fedtune.federation.config import FederationConfig
 from fedtune.federation.flower.engine import FlowerEngine
+from fedtune.federation.secagg import params_of
 from fedtune.logsetup import configure_logging
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ def serve(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
                     fed: FederationConfig) -> FlowerEngine:
         # what the nodes get: the config exactly as saved in the run directory
         saved = (run_dir / runner.CONFIG_NAME).read_text()
-        engine = FlowerEngine(grid, server, len(clients), fed, saved)
+        secagg = (params_of(load_config(run_dir / runner.CONFIG_NAME))
+                  if fed.secure_aggregation else None)
+        engine = FlowerEngine(grid, server, len(clients), fed, saved, secagg)
         engine.wait_for_nodes()
         return engine
 
