@@ -301,8 +301,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_logits(args: argparse.Namespace) -> int:
+    from fedtune.logits.guard import tls_context
     from fedtune.logits.remote import read_token_file, token_from_env
-    from fedtune.logits.service import ServiceLimits, serve, tls_context
+    from fedtune.logits.service import ServiceLimits, serve
 
     if args.tls_keyfile and not args.tls_certfile:
         raise ValueError("--tls-keyfile needs --tls-certfile")

@@ -22,9 +22,10 @@ from conftest import tiny_model
 
 from fedtune import cli
 from fedtune.logits import LocalLogits, LogitsServiceError, RemoteLogits
+from fedtune.logits.guard import tls_context
 from fedtune.logits.local import ServiceBusy, kv_bytes_per_token
 from fedtune.logits.remote import TOKEN_ENV, TOKEN_FILE_ENV, remote_from_env, token_from_env
-from fedtune.logits.service import LogitsHTTPServer, ServiceLimits, local_source, tls_context
+from fedtune.logits.service import LogitsHTTPServer, ServiceLimits, local_source
 
 TOKEN = "test-token-0123456789"
 V = 40  # the tiny model's vocabulary: one logits row is 160 bytes

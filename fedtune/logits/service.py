@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import os
 import secrets
-import socket
 import ssl
 import subprocess
 import sys
@@ -57,6 +55,7 @@ from typing import Any
 
 import torch
 
+from fedtune.logits.guard import BUSY, Deadlines, Slots, is_loopback_host
 from fedtune.logits.local import (
     LocalLogits,
     LogitsRequestError,
@@ -258,83 +257,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, json.dumps({"closed": session}).encode(), "application/json")
 
 
-class _Deadlines:
-    """Sockets still receiving a request, and when each must have all of it.
-
-    The socket time-out bounds one stalled read; a client sending a byte every few seconds
-    would renew it for ever, so the sweeper shuts down whatever is overdue.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._due: dict[socket.socket, float] = {}
-
-    def arm(self, sock: socket.socket, seconds: float) -> None:
-        with self._lock:
-            self._due[sock] = time.monotonic() + seconds
-
-    def disarm(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._due.pop(sock, None)
-
-    def cut_overdue(self) -> int:
-        now = time.monotonic()
-        with self._lock:
-            late = [s for s, due in self._due.items() if due <= now]
-            for s in late:
-                del self._due[s]
-        for s in late:
-            try:  # the plain socket's shutdown: the blocked reader sees end of file
-                socket.socket.shutdown(s, socket.SHUT_RDWR)
-            except OSError:
-                pass
-        return len(late)
-
-
-class _Slots:
-    """Connections being served, in all and per client address."""
-
-    def __init__(self, total: int, per_client: int) -> None:
-        self.total, self.per_client = total, per_client
-        self._lock = threading.Lock()
-        self._held: dict[str, int] = {}
-
-    def take(self, client: str) -> bool:
-        with self._lock:
-            if (sum(self._held.values()) >= self.total
-                    or self._held.get(client, 0) >= self.per_client):
-                return False
-            self._held[client] = self._held.get(client, 0) + 1
-            return True
-
-    def held(self) -> int:
-        with self._lock:
-            return sum(self._held.values())
-
-    def free(self, client: str) -> None:
-        with self._lock:
-            self._held[client] -= 1
-            if not self._held[client]:
-                del self._held[client]
-
-
-_BUSY_BODY = b'{"error": "too many connections; retry later"}'
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: "
-         b"close\r\nRetry-After: 5\r\nContent-Length: %d\r\n\r\n%s"
-         % (len(_BUSY_BODY), _BUSY_BODY))
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether every address ``host`` names is a loopback one ('' and 0.0.0.0: all interfaces)."""
-    if not host:
-        return False
-    try:
-        addrs = {str(a[4][0]) for a in socket.getaddrinfo(host, None)}
-    except socket.gaierror:
-        return False
-    return bool(addrs) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addrs)
-
-
 class LogitsHTTPServer(ThreadingHTTPServer):
     """The service. ``token`` None serves anyone who reaches the port, so it is refused on a
     host other than loopback (where the machine's users are the ones it trusts)."""
@@ -352,8 +274,8 @@ class LogitsHTTPServer(ThreadingHTTPServer):
         self.source = source
         self.token = token
         self.limits = limits or ServiceLimits()
-        self.deadlines = _Deadlines()
-        self._slots = _Slots(self.limits.max_connections, self.limits.max_connections_per_client)
+        self.deadlines = Deadlines()
+        self._slots = Slots(self.limits.max_connections, self.limits.max_connections_per_client)
         self._closing = threading.Event()
         super().__init__((host, port), _Handler)
         if tls is not None:  # the handshake runs in the request's thread (_Handler.setup)
@@ -388,7 +310,7 @@ class LogitsHTTPServer(ThreadingHTTPServer):
             if not isinstance(request, ssl.SSLSocket):  # TLS: no handshake yet, just close
                 try:
                     request.setblocking(False)  # never wait in the accepting thread
-                    request.send(_BUSY)
+                    request.send(BUSY)
                 except OSError:
                     pass
             self.shutdown_request(request)
@@ -416,14 +338,6 @@ class LogitsHTTPServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self._closing.set()
         super().server_close()
-
-
-def tls_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
-    """A server-side TLS context (TLS 1.2 at least) with this certificate and key."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(certfile, keyfile)
-    return ctx
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 0, *, dtype: str = "float32",
