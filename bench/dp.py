@@ -27,7 +27,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from bench.robust import Hostile
+from bench.robust import DOLLY, Hostile, dolly_subset
 
 
 def settings(method: str, model: str, clients: int, per_round: int, rounds: int,
@@ -41,6 +41,8 @@ def settings(method: str, model: str, clients: int, per_round: int, rounds: int,
             f"algorithm.fedkseed.tau={4 if quick else 10}"]
     if model == "small":
         sets += ["algorithm.fedkseed.lr=2e-4", "data.max_length=128"]
+        if DOLLY.is_file() and not quick:  # English the books model can learn
+            sets += ["data.format=dolly", f"data.path={dolly_subset()}", "data.partition=iid"]
     if quick:
         sets += ["data.generated_per_family=4", "evaluation.max_new_tokens=8"]
     return sets

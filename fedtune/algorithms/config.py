@@ -16,6 +16,7 @@ from fedtune.algorithms.fedmezo.config import FedMeZOConfig
 from fedtune.algorithms.fedprompt.config import PromptConfig
 from fedtune.algorithms.fedpt.config import FedPTConfig
 from fedtune.algorithms.fedzo.config import FedZOConfig
+from fedtune.algorithms.local import SCHEDULES
 from fedtune.algorithms.privacy import DPConfig
 from fedtune.configbase import check, check_choices, option, section
 
@@ -99,6 +100,17 @@ class AlgorithmConfig:
     )
     weight_decay: float = option(0.0, "Decoupled weight decay of the local optimizer.")
     max_grad_norm: float = option(1.0, "Clip the local gradient to this L2 norm; 0 disables.")
+    lr_schedule: str = option(
+        "constant", "Learning-rate schedule over a client's local optimizer steps of one round "
+                    "(the optimizer is fresh each round, as in FedAvg and FedIT), from "
+                    "transformers' get_scheduler.", SCHEDULES)
+    warmup_steps: int = option(0, "Linear warm-up steps at the start of the schedule.")
+    grad_accumulation: int = option(
+        1, "Batches whose gradients are averaged into one optimizer step: a local step then "
+           "sees grad_accumulation x batch_size examples at the memory of one batch.")
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations during backprop instead of storing them: less memory "
+               "for about one more forward of time (the backprop methods' devices).")
     weighting: str = option(
         "samples", "How the server weights the replies it averages: 'samples' (each client's "
         "reported sample count, as FedAvg, FedIT and FedKSeed do) or 'equal' (one client, one "
@@ -135,6 +147,10 @@ class AlgorithmConfig:
         check(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
         check(self.max_grad_norm >= 0, f"{prefix}.max_grad_norm", self.max_grad_norm,
               "must be >= 0")
+        check(0 <= self.warmup_steps <= self.local_steps, f"{prefix}.warmup_steps",
+              self.warmup_steps, f"must be in [0, local_steps = {self.local_steps}]")
+        check(self.grad_accumulation >= 1, f"{prefix}.grad_accumulation",
+              self.grad_accumulation, "must be >= 1")
         check(self.max_sample_weight >= 0, f"{prefix}.max_sample_weight",
               self.max_sample_weight, "must be >= 0 (0: no cap)")
         self.robust.validate(f"{prefix}.robust")

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from fedtune import seeds
 
@@ -86,24 +87,50 @@ def lm_loss(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch
 
 
 def backprop_step(params: Sequence[torch.nn.Parameter], opt: torch.optim.Optimizer,
-                  max_grad_norm: float, loss_fn: Callable[[B], torch.Tensor]
+                  max_grad_norm: float, loss_fn: Callable[[B], torch.Tensor], *,
+                  accumulate: int = 1, scheduler: LRScheduler | None = None
                   ) -> Callable[[int, B], float | None]:
-    """A step function for :func:`run_steps`: one optimizer step on ``loss_fn(batch)``."""
+    """A step function for :func:`run_steps`: backprop of ``loss_fn(batch)``, and one optimizer
+    (and ``scheduler``) step every ``accumulate`` batches on the mean of their gradients.
 
-    def step(_i: int, batch: B) -> float | None:
+    A batch whose loss is not finite is skipped (no backward; its window steps on the others).
+    """
+    if accumulate < 1:
+        raise ValueError(f"accumulate must be >= 1, got {accumulate}")
+
+    def step(i: int, batch: B) -> float | None:
         loss = loss_fn(batch)
         value = float(loss.item())
-        if not math.isfinite(value):
+        finite = math.isfinite(value)
+        if finite:
+            (loss / accumulate if accumulate > 1 else loss).backward()
+        if (i + 1) % accumulate == 0:
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if any(p.grad is not None for p in params):
+                opt.step()
+            if scheduler is not None:
+                scheduler.step()
             opt.zero_grad(set_to_none=True)
-            return None
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return value
+        return value if finite else None
 
     return step
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def make_scheduler(opt: torch.optim.Optimizer, name: str, warmup: int, steps: int
+                   ) -> LRScheduler | None:
+    """transformers' schedule ``name`` over ``steps`` optimizer steps after ``warmup`` linear
+    warm-up steps (None: a constant rate without warm-up, nothing to schedule)."""
+    if name == "constant" and warmup == 0:
+        return None
+    from transformers import get_scheduler
+
+    kind = "constant_with_warmup" if name == "constant" else name
+    return get_scheduler(kind, opt, num_warmup_steps=warmup,  # type: ignore[no-any-return]
+                         num_training_steps=steps)
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], name: str, lr: float,

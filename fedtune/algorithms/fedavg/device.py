@@ -16,7 +16,13 @@ import torch
 
 from fedtune.algorithms.base import MethodContext
 from fedtune.algorithms.fedavg.wire import Download, Reply
-from fedtune.algorithms.local import backprop_step, lm_loss, make_optimizer, run_steps
+from fedtune.algorithms.local import (
+    backprop_step,
+    lm_loss,
+    make_optimizer,
+    make_scheduler,
+    run_steps,
+)
 from fedtune.algorithms.params import load_into, trainable
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.wire import MessageError, TensorSpec
@@ -39,6 +45,21 @@ def tensor_round(model: torch.nn.Module, payload: bytes, round_: int, num_sample
     return Reply(round_, num_samples, loss, sent).encode()
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass instead of keeping them (less memory, about
+    one more forward of time); the non-reentrant form needs no input gradients, so it works
+    with frozen base weights (LoRA, prompts). Idempotent."""
+    kwargs = {"use_reentrant": False}
+    new = getattr(model, "activation_checkpointing_enable", None)  # transformers 5.x's name
+    old = getattr(model, "gradient_checkpointing_enable", None)
+    if new is not None:
+        new(activation_checkpointing_kwargs=kwargs)
+    elif old is not None:
+        old(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError("algorithm.gradient_checkpointing needs a transformers model")
+
+
 class BackpropDevice:
     """Local backprop on the trainable parameters (FedAvg, FedIT, FedPrompt, FedPTuning)."""
 
@@ -52,11 +73,16 @@ class BackpropDevice:
 
         def train(params: list[torch.nn.Parameter]) -> float:
             opt = make_optimizer(params, c.optimizer, c.lr, c.weight_decay)
-            return run_steps(model, examples, steps=c.local_steps, batch_size=c.batch_size,
-                             seed=seed, collate=lambda b: collate(b, self.pad_id),
-                             step=backprop_step(params, opt, c.max_grad_norm, lm_loss(model)),
+            sched = make_scheduler(opt, c.lr_schedule, c.warmup_steps, c.local_steps)
+            step = backprop_step(params, opt, c.max_grad_norm, lm_loss(model),
+                                 accumulate=c.grad_accumulation, scheduler=sched)
+            return run_steps(model, examples, steps=c.local_steps * c.grad_accumulation,
+                             batch_size=c.batch_size, seed=seed,
+                             collate=lambda b: collate(b, self.pad_id), step=step,
                              train_mode=True).loss
 
+        if c.gradient_checkpointing:
+            enable_checkpointing(model)
         return tensor_round(model, payload, round_, len(examples), train)
 
     def kept_round(self, round_: int) -> int:
