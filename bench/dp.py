@@ -17,17 +17,15 @@ number of LoRA parameters for FedIT. That ratio is why FedKSeed needs less noise
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
-from bench.robust import DOLLY, Hostile, dolly_subset
+from bench.robust import DOLLY, Hostile, dolly_subset, save_results
 
 
 def settings(method: str, model: str, clients: int, per_round: int, rounds: int,
@@ -136,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         res = bench(method, a)
         results.append(res)
         print(table(res) + f"\n\n({res['wall_s']:.0f} s)\n")
-    if a.json:
-        a.json.write_text(json.dumps({"date": date.today().isoformat(), "argv": sys.argv[1:],
-                                      "results": results}, indent=1))
+    save_results(a.json, results)
     return 0
 
 

@@ -252,10 +252,15 @@ def main(argv: list[str] | None = None) -> int:
                     a.quick)
         results.append(res)
         print(table(res, a.fractions, a.rules) + f"\n\n({res['wall_s']:.0f} s)\n")
-    if a.json:
-        a.json.write_text(json.dumps({"date": date.today().isoformat(), "argv": sys.argv[1:],
-                                      "results": results}, indent=1))
+    save_results(a.json, results)
     return 0
+
+
+def save_results(path: Path | None, results: list[dict[str, Any]]) -> None:
+    """The figures as JSON (with the date and the command's arguments), when asked for."""
+    if path is not None:
+        path.write_text(json.dumps({"date": date.today().isoformat(), "argv": sys.argv[1:],
+                                    "results": results}, indent=1))
 
 
 if __name__ == "__main__":
