@@ -41,9 +41,18 @@ class OutputConfig:
     checkpoint: bool = option(
         True, "Checkpoint the server state after every round so `--resume` can continue."
     )
+    keep_checkpoints: list = option(
+        [], "Rounds whose checkpoint is kept after later rounds (e.g. [5, 10, 20]), so "
+            "`fedtune eval RUN_DIR --round N` can score them; the last round's is always kept."
+    )
 
     def validate(self, prefix: str = "output") -> None:
-        pass
+        bad = [r for r in self.keep_checkpoints if isinstance(r, bool) or not isinstance(r, int)
+               or r < 1]
+        check(not bad, f"{prefix}.keep_checkpoints", self.keep_checkpoints,
+              "must list round numbers >= 1")
+        check(self.checkpoint or not self.keep_checkpoints, f"{prefix}.keep_checkpoints",
+              self.keep_checkpoints, "needs output.checkpoint = true")
 
 
 def _seed_fields(obj: Any, prefix: str) -> list[tuple[str, int]]:

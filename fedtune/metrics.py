@@ -3,7 +3,8 @@
 Each line holds the round's train loss, eval loss and Rouge-L (when measured, else null), the
 bytes up and down (per client and in total, cumulative too), accepted/rejected/failed replies,
 wall time and peak memory. Lines are flushed and fsync'ed one by one, so a crash leaves every
-completed round readable; round 0 is the base model's evaluation.
+completed round readable; round 0 is the base model's evaluation. The same rows go to
+TensorBoard event files in ``RUN_DIR/tb/`` (:mod:`fedtune.tensorboard`).
 """
 
 from __future__ import annotations
@@ -66,8 +67,13 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    def __init__(self, path: Path, keep_through_round: int | None = None) -> None:
+    """``metrics.jsonl`` and, beside it, the same rows as TensorBoard events (``tb/``)."""
+
+    def __init__(self, path: Path, keep_through_round: int | None = None,
+                 tensorboard: bool = True) -> None:
         """Open ``path`` for appending; on resume, keep only rounds <= ``keep_through_round``."""
+        from fedtune.tensorboard import TB_DIR, TensorBoardLog
+
         self.path = path
         self.rows = read_metrics(path)
         if keep_through_round is not None:
@@ -76,6 +82,8 @@ class MetricsLog:
         elif path.exists():
             path.unlink()
             self.rows = []
+        first = self.rows[-1]["round"] + 1 if self.rows else 0
+        self.tb = TensorBoardLog(path.parent / TB_DIR, first) if tensorboard else None
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -83,3 +91,9 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.tb is not None:
+            self.tb.add(row)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -38,7 +38,16 @@ from fedtune.federation.simulation import InProcessEngine
 from fedtune.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
 from fedtune.models.loading import load_model_and_tokenizer, resolve_device
 from fedtune.models.tiny import build_tiny_model
-from fedtune.report import answer_rows, answers_text, plot_run, rounds_table, summary_text
+from fedtune.publish import finish_export
+from fedtune.report import (
+    answer_rows,
+    answers_text,
+    plot_run,
+    rounds_table,
+    summary_text,
+    table_header,
+    table_row,
+)
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
@@ -77,10 +86,17 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
         f.close()  # closing the file releases the lock
 
 
+# the per-round table goes to run.log as rounds end (the console gets it whole at the end)
+table_log = logging.getLogger("fedtune.rounds")
+table_log.propagate = False
+table_log.setLevel(logging.INFO)
+
+
 def _add_file_log(run_dir: Path) -> logging.Handler:
     handler = logging.FileHandler(run_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
+    table_log.addHandler(handler)
     return handler
 
 
@@ -118,6 +134,7 @@ def run(cfg: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool =
                         engine or InProcessEngine)
     finally:
         logging.getLogger().removeHandler(handler)
+        table_log.removeHandler(handler)
         handler.close()
 
 
@@ -240,6 +257,8 @@ def _start(s: _Setup, resume: bool) -> tuple[int, dict[str, Any], MetricsLog]:
         log.info("resuming %s after round %d", s.run_dir, done)
     metrics = MetricsLog(s.run_dir / "metrics.jsonl",
                          keep_through_round=start_round - 1 if resume else None)
+    table_log.info("per-round metrics (also in metrics.jsonl and tb/):\n%s",
+                   table_header(s.accountant is not None))
     if start_round == 1 and not any(r["round"] == 0 for r in metrics.rows):
         row0: dict[str, Any] = {"round": 0, "train_loss": None, "eval_loss": None,
                                 "rougeL": None, "bytes_up_per_client": 0,
@@ -248,8 +267,14 @@ def _start(s: _Setup, resume: bool) -> tuple[int, dict[str, Any], MetricsLog]:
         if s.cfg.evaluation.evaluate_base:
             row0.update(_measure(s, 0, final=False))
         row0.update(wall_s=0.0, peak_memory_mb=peak_memory_mb(s.device))
-        metrics.append(row0)
+        _append(s, metrics, row0)
     return start_round, counters, metrics
+
+
+def _append(s: _Setup, metrics: MetricsLog, row: dict[str, Any]) -> None:
+    """A round's row into metrics.jsonl, TensorBoard and run.log's table."""
+    metrics.append(row)
+    table_log.info("%s", table_row(row, s.accountant is not None))
 
 
 def _round_row(s: _Setup, res: RoundResult, scores: dict[str, float],
@@ -285,16 +310,20 @@ def _rounds(s: _Setup, engine: Engine, start_round: int, last: int, counters: di
         for r in range(start_round, last + 1):
             bar.set_description(f"round {r}/{fed.rounds}")
             res = engine.run_round(r, on_client=lambda _cid: bar.update(1))
+            bar.set_postfix(loss=f"{res.train_loss:.3f}" if res.train_loss else "-")
             spent = s.privacy_ends(r)  # the privacy budget allows no further round
-            scores = _measure(s, r, final=r == fed.rounds or spent)
+            final = r == fed.rounds or spent
+            if final:  # the final evaluation shows its own progress, not a bar frozen at 100 %
+                bar.close()
+            scores = _measure(s, r, final=final)
             counters["cum_bytes_up"] += sum(res.bytes_up)
             counters["cum_bytes_down"] += sum(res.bytes_down)
             counters["wall_s"] = clock()
             row = _round_row(s, res, scores, counters)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}" if row["train_loss"] else "-")
-            metrics.append(row)
+            _append(s, metrics, row)
             if s.cfg.output.checkpoint:
-                save_checkpoint(s.run_dir, r, s.server.state_dict(), counters)
+                save_checkpoint(s.run_dir, r, s.server.state_dict(), counters,
+                                keep=s.cfg.output.keep_checkpoints)
             threads.update()  # after the checkpoint: nothing between a round's row and it
             if stop is not None and stop(scores):  # FedPT's stopping rule
                 log.info("round %d: the target metric is reached; stopping", r)
@@ -314,7 +343,9 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
     cfg, run_dir = s.cfg, s.run_dir
     model_dir = (s.server.export(s.model, s.tokenizer, run_dir) if cfg.output.save_model
                  else None)
-    plots = [str(p) for p in plot_run(metrics.rows, run_dir)] if cfg.output.plots else []
+    title = f"{cfg.algorithm.name}, {run_dir.name}"
+    plots = ([str(p) for p in plot_run(metrics.rows, run_dir, title)] if cfg.output.plots
+             else [])
     per_round = cfg.federation.clients_in_round(len(s.clients))
     summary = build_summary(cfg, metrics.rows, len(s.clients), per_round, counters, run_dir,
                             model_dir, plots, s.device)
@@ -326,6 +357,8 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
                               "target_epsilon": dp.target_epsilon or None,
                               "accountant": "dp_accounting RDP, sampling without replacement, "
                                             "replace-one (client level)"}
+    if model_dir is not None:  # in the configured dtype, with a portable base and a card
+        finish_export(model_dir, cfg, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     changes = None
     base_file = run_dir / BASE_ANSWERS
@@ -336,6 +369,7 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
             with (run_dir / "answers.jsonl").open("w") as f:
                 for row in changes:
                     f.write(json.dumps(row) + "\n")
+    table_log.info("summary:\n%s", summary_text(summary))
     if s.progress:
         print(rounds_table(metrics.rows))
         if changes:
@@ -352,6 +386,7 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
     threads = ThreadPolicy(cfg.model.threads)
     reset_peak_memory(resolve_device(cfg.model.device))  # this run's peak, not the process's
     s = _setup(cfg, run_dir, progress)
+    metrics: MetricsLog | None = None
     try:
         start_round, counters, metrics = _start(s, resume)
         prior_wall = float(counters["wall_s"])  # elapsed time of the runs before a resume
@@ -370,6 +405,8 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
         counters["wall_s"] = clock()
         return _finish(s, metrics, counters)
     finally:
+        if metrics is not None:
+            metrics.close()
         s.server.close()
 
 
@@ -398,8 +435,18 @@ def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, 
         "wall_s": counters["wall_s"],
         "run_dir": str(run_dir),
         "model_dir": str(model_dir) if model_dir else None,
+        "product": _product(run_dir) if model_dir else None,
         "plots": plots,
     }
+
+
+def _product(run_dir: Path) -> str | None:
+    """FedPT's product is the proxy-tuned large model: its manifest (model/ is the tuned small
+    model it steers the large one with)."""
+    from fedtune.algorithms.fedpt.product import manifest_path
+
+    manifest = manifest_path(run_dir)
+    return str(manifest) if manifest is not None else None
 
 
 def resume(run_dir: Path, *, progress: bool = True,

@@ -233,6 +233,8 @@ def load_model_and_tokenizer(
             "base_model_name_or_path")
         if not base:
             raise ValueError(f"{adapter}/adapter_config.json names no base model")
+        if not Path(base).is_absolute() and (adapter / base).exists():
+            base = str(adapter / base)  # fedtune's exports name a local base relative to here
         base_model, _ = load_model_and_tokenizer(base, dtype, device,
                                                  trust_remote_code=trust_remote_code,
                                                  cache_dir=cache_dir)
