@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+from fedtune import __version__
 from fedtune.configbase import ConfigError
 from fedtune.federation.flower import cli as flower_cli
 from fedtune.logsetup import configure_logging
@@ -20,7 +21,10 @@ EPILOG = """examples:
   fedtune run configs/tiny-fedit.toml --set federation.rounds=5 --out runs/try
   fedtune run --resume runs/try                 # continue an interrupted run
   fedtune eval runs/try                         # Rouge-L and eval loss of a run's model
+  fedtune eval runs/try --round 5 --predictions preds.jsonl   # a kept round, per example
   fedtune generate runs/try --prompt "Reverse the word." --input "cat"
+  fedtune generate runs/try --prompt "Write a haiku." --temperature 0.8 --top-p 0.9 --seed 1
+  fedtune report runs/fedit runs/fedkseed --out reports/   # one table, one figure
   fedtune export runs/try --gguf tuned.gguf --quant q8_0   # for llama.cpp-style runtimes
   fedtune config                                # every config key, its default and its help
   fedtune flower local --set data.num_clients=2 --set federation.clients_per_round=2 --nodes 2
@@ -32,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedtune", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Federated fine-tuning of language models (FedKSeed, FedPT and baselines).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a federation (the embedded defaults without a config)",
@@ -59,13 +64,30 @@ def _parser() -> argparse.ArgumentParser:
                    "`fedtune serve-logits` URL (default: the run's URL, else load it here)")
     e.add_argument("--small", action="store_true",
                    help="FedPT run: score the tuned small model instead of the proxy-tuned large")
+    e.add_argument("--round", type=int, metavar="N",
+                   help="score the global model after round N of a run directory (the last "
+                   "round, or one kept with output.keep_checkpoints)")
+    e.add_argument("--predictions", metavar="FILE.jsonl",
+                   help="also write one JSON line per eval example: instruction, input, "
+                   "category, reference, prediction and its Rouge-L")
 
-    g = sub.add_parser("generate", help="greedy generation from a run or model directory")
+    g = sub.add_parser("generate", help="answer one prompt with a run's or a model's model",
+                       description="Answer one instruction (and optional input) with a run "
+                       "directory's exported model (in the run's prompt template) or a model "
+                       "directory. Greedy by default (what evaluation uses); --temperature > 0 "
+                       "samples, with --top-p and a --seed that makes the sample reproducible.")
     g.add_argument("path", help="run directory or model directory")
     g.add_argument("--prompt", required=True, help="the instruction")
     g.add_argument("--input", default="", help="optional input / context of the instruction")
     g.add_argument("--raw", action="store_true", help="send --prompt as is, without the template")
     g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature; 0 (default): greedy decoding")
+    g.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: sample from the smallest set of tokens whose "
+                   "probability reaches P (default 1.0: all); needs --temperature > 0")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampling (default 0); the same seed gives the same answer")
     g.add_argument("--large-url", default="", help="FedPT run: the large model's logits service")
     g.add_argument("--small", action="store_true",
                    help="FedPT run: generate with the tuned small model instead")
@@ -104,6 +126,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--parent-pid", type=int, default=0,
                    help="stop serving when this process exits (set by runs that start it)")
     _serve_security_args(s)
+    rp = sub.add_parser("report", help="compare runs: one table and one figure",
+                        description="Compare run directories: print one table (method, rounds, "
+                        "eval loss and Rouge-L before and after, bytes per client per round, "
+                        "total bytes, wall time, peak memory, epsilon of private runs) and draw "
+                        "eval loss and Rouge-L of every run by round and by cumulative bytes "
+                        "(log scale) in one figure. Writes report.md (the table in Markdown) "
+                        "and report.png.")
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    rp.add_argument("--out", default=".", help="folder for report.md and report.png "
+                    "(default: the current folder)")
     pretrain_cli.add_parser(sub)
     flower_cli.add_parser(sub)
     return p
@@ -218,27 +250,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fedtune.models.loading import load_model_and_tokenizer
 
     path = Path(args.path)
-    cfg_file = args.config or (str(path / "config.toml") if (path / "config.toml").is_file()
-                               else None)
+    run_cfg = path / "config.toml"
+    cfg_file = args.config or (str(run_cfg) if run_cfg.is_file() else None)
     cfg = load_config(cfg_file, args.overrides)
-    proxy = not args.small and manifest_path(path) is not None  # FedPT: the proxy-tuned model
-    source = "" if proxy else _model_source(path, cfg.model.cache_dir or None)  # before any work
+    if args.round is not None and not run_cfg.is_file():
+        raise ConfigError("--round", args.round, f"needs a run directory; {path} holds no "
+                          "config.toml")
+    proxy = (not args.small and args.round is None
+             and manifest_path(path) is not None)  # FedPT: the proxy-tuned model
+    if proxy and args.predictions:
+        raise ConfigError("--predictions", args.predictions, "is for plain models; with a FedPT "
+                          "run add --small to write the tuned small model's answers")
+    source = ("" if proxy or args.round is not None
+              else _model_source(path, cfg.model.cache_dir or None))  # before any work
     ThreadPolicy(cfg.model.threads)
+    _say(f"eval: reading the data ({cfg.data.format})")
     data = build_federated_data(cfg.data)
     ev = cfg.evaluation
     records = select_eval_records(data.eval, ev.max_examples, ev.seed)
+    _say(f"eval: {len(records)} held-out records (of {len(data.eval)})")
     if proxy:
         from fedtune.algorithms.fedpt.product import evaluate_product
 
+        _say("eval: the proxy-tuned large model (FedPT)")
         scores = evaluate_product(path, records, cfg, large_url=args.large_url)
+        print(json.dumps(scores, indent=1))
+        return 0
+    if args.round is not None:
+        from fedtune.eval.rounds import model_at_round
+
+        _say(f"eval: rebuilding the global model after round {args.round}")
+        model, tok = model_at_round(path, cfg, args.round)
     else:
+        _say(f"eval: loading {source}")
         model, tok = load_model_and_tokenizer(source, cfg.model.dtype, cfg.model.device,
                                               cache_dir=cfg.model.cache_dir or None)
-        scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,
-                          batch_size=ev.batch_size, max_length=cfg.data.max_length,
-                          template=cfg.data.template, progress=True)
+    answers: list[str] | None = [] if args.predictions else None
+    scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,  # type: ignore[arg-type]
+                      batch_size=ev.batch_size, max_length=cfg.data.max_length,
+                      template=cfg.data.template, progress=True, answers=answers)
+    if args.predictions and answers is not None:
+        from fedtune.eval.evaluate import write_predictions
+
+        write_predictions(Path(args.predictions), records, answers)
+        _say(f"eval: {len(answers)} predictions in {args.predictions}")
     print(json.dumps(scores, indent=1))
     return 0
+
+
+def _say(line: str) -> None:
+    """A progress line on stderr (stdout holds the result, for pipes)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -246,13 +308,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fedtune.config import load_config
     from fedtune.data.prompts import format_prompt, prompt_ids, stop_token_ids
     from fedtune.data.records import Record
-    from fedtune.eval.generation import encode_prompt, greedy_generate_ids
+    from fedtune.eval.generation import Sampling, encode_prompt, generate_ids
     from fedtune.models.loading import load_model_and_tokenizer
 
     path = Path(args.path)
     record = Record(args.prompt, args.input, "")
+    sampling = Sampling(args.temperature, args.top_p, args.seed)  # checks the values
     if not args.small and manifest_path(path) is not None:  # FedPT
         from fedtune.algorithms.fedpt.product import generate_product
+
+        if not sampling.greedy:
+            raise ConfigError("--temperature", args.temperature, "FedPT's proxy-tuned model "
+                              "decodes greedily; drop --temperature or add --small")
 
         prompt = args.prompt if args.raw else format_prompt(record)
         print(generate_product(path, prompt, max_new_tokens=args.max_new_tokens,
@@ -263,8 +330,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 if (path / "config.toml").is_file() else "auto")
     model, tok = load_model_and_tokenizer(_model_source(path), "float32", "auto")
     ids = encode_prompt(tok, args.prompt) if args.raw else prompt_ids(record, tok, template)
-    print(greedy_generate_ids(model, tok, [ids], max_new_tokens=args.max_new_tokens,
-                              stop_ids=stop_token_ids(tok, template))[0])
+    print(generate_ids(model, tok, [ids], max_new_tokens=args.max_new_tokens,
+                       stop_ids=stop_token_ids(tok, template), sampling=sampling)[0])
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedtune.report import report
+
+    table, files = report(args.runs, Path(args.out))
+    print(table)
+    print(f"table in Markdown: {files[0]}; figure: {files[1]}")
     return 0
 
 
@@ -375,11 +451,18 @@ def main(argv: list[str] | None = None) -> int:
     # peft's prompt learning drops position ids (virtual tokens come first): expected, not news
     warnings.filterwarnings("ignore", message="Position ids are not supported for parameter")
     handlers = {"run": cmd_run, "eval": cmd_eval, "generate": cmd_generate, "config": cmd_config,
-                "export": cmd_export,
+                "export": cmd_export, "report": cmd_report,
                 "pretrain": pretrain_cli.run, "serve-logits": cmd_serve_logits,
                 "flower": flower_cli.run}
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's exit flush
+        return code
+    except BrokenPipeError:
+        # the reader left early (`fedtune config --toml | head`): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's own final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a command killed by the signal reports
     except ConfigError as e:
         print(f"fedtune: config error: {e}", file=sys.stderr)
         return 2

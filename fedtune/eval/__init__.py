@@ -2,14 +2,22 @@
 
 from fedtune.eval.config import EvalConfig
 from fedtune.eval.evaluate import evaluate, loss_batches, select_eval_records
-from fedtune.eval.generation import encode_prompt, greedy_generate, greedy_generate_ids
+from fedtune.eval.generation import (
+    Sampling,
+    encode_prompt,
+    generate_ids,
+    greedy_generate,
+    greedy_generate_ids,
+)
 from fedtune.eval.metrics import eval_loss, rouge_l
 
 __all__ = [
     "EvalConfig",
+    "Sampling",
     "encode_prompt",
     "eval_loss",
     "evaluate",
+    "generate_ids",
     "greedy_generate",
     "greedy_generate_ids",
     "loss_batches",

@@ -11,10 +11,15 @@ training loss.
 
 from __future__ import annotations
 
+import json
+import math
 import random
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.data.prompts import (
@@ -28,7 +33,7 @@ from fedtune.data.prompts import (
 )
 from fedtune.data.records import Record
 from fedtune.eval.generation import greedy_generate_ids
-from fedtune.eval.metrics import eval_loss, rouge_l
+from fedtune.eval.metrics import eval_loss, rouge_l, rouge_l_scores
 
 
 def select_eval_records(
@@ -94,10 +99,16 @@ def evaluate(
     """
     results: dict[str, float] = {"num_examples": float(len(records))}
     if loss:
-        batches = loss_batches(records, tokenizer, batch_size=batch_size, max_length=max_length,
-                               template=template)
+        _phase(progress, f"eval: loss on {len(records)} examples")
+        batches: Iterable[dict[str, torch.Tensor]] = loss_batches(
+            records, tokenizer, batch_size=batch_size, max_length=max_length, template=template)
+        if progress:
+            batches = tqdm(batches, total=math.ceil(len(records) / batch_size),
+                           desc="eval: loss", unit="batch", leave=False, dynamic_ncols=True)
         results["eval_loss"] = eval_loss(model, batches)
     if rouge:
+        _phase(progress, f"eval: generating {len(records)} answers (at most {max_new_tokens} "
+                         "tokens each) for Rouge-L")
         predictions = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, max_length=max_length,
                                        template=template, progress=progress)
@@ -105,6 +116,23 @@ def evaluate(
         if answers is not None:
             answers.extend(predictions)
     return results
+
+
+def _phase(progress: bool, line: str) -> None:
+    """A line per evaluation phase (on stderr, above any progress bar) when ``progress``."""
+    if progress:
+        tqdm.write(line, file=sys.stderr)
+
+
+def write_predictions(path: Path, records: Sequence[Record], predictions: Sequence[str]) -> None:
+    """``fedtune eval --predictions``: one JSON line per example (instruction, input, category,
+    reference, prediction, its Rouge-L F), in eval order."""
+    scores = rouge_l_scores(predictions, [r.output for r in records])
+    with path.open("w") as f:
+        for r, p, score in zip(records, predictions, scores, strict=True):
+            f.write(json.dumps({"instruction": r.instruction, "input": r.input,
+                                "category": r.category, "reference": r.output,
+                                "prediction": p, "rougeL": score}) + "\n")
 
 
 def generate_answers(

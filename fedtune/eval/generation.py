@@ -10,6 +10,9 @@ Generation config (the same for every method, so Rouge-L numbers are comparable)
   one; fedtune's tiny tokenizer adds none) minus a trailing EOS the tokenizer may append, the
   same rule as :func:`fedtune.data.prompts.prompt_ids`, so generation conditions on exactly the
   prompt ids training used;
+* ``fedtune generate`` may sample instead (:class:`Sampling`: temperature, top-p, a seed); the
+  draw uses a forked torch RNG seeded with that seed, so it is reproducible and leaves the global
+  RNG as it was. Evaluation never samples;
 * batches are LEFT-padded (every row's last prompt token at the end) with the attention mask
   passed, so a prompt's output does not depend on the batch it is in (up to float rounding);
 * prompts are batched by length (longest first) and the outputs returned in the callers' order:
@@ -24,9 +27,11 @@ Generation config (the same for every method, so Rouge-L numbers are comparable)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -85,6 +90,39 @@ def length_order(lengths: Sequence[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick each next token: ``temperature`` 0 is greedy (argmax); above 0, sample from
+    softmax(logits / temperature) restricted to the smallest set of tokens whose probability
+    reaches ``top_p`` (nucleus sampling), with a torch RNG seeded by ``seed``."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature = {self.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p = {self.top_p}: must be in (0, 1]")
+        if self.greedy and self.top_p < 1:
+            raise ValueError(f"top_p = {self.top_p} needs a temperature > 0 (greedy decoding "
+                             "takes the most likely token)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """``model.generate`` arguments; a checkpoint's own sampling defaults are overridden
+        (top-k off: only top-p narrows the draw)."""
+        if self.greedy:
+            return {"do_sample": False, "num_beams": 1, "temperature": None, "top_p": None,
+                    "top_k": None}
+        return {"do_sample": True, "num_beams": 1, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": 0}
+
+
 def greedy_generate_ids(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -101,6 +139,23 @@ def greedy_generate_ids(
     shows a bar over the prompts (on a terminal). The tokenizer's padding side and the model's
     train/eval mode are restored afterwards.
     """
+    return generate_ids(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, stop_ids=stop_ids, progress=progress)
+
+
+def generate_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    stop_ids: Sequence[int] | None = None,
+    progress: bool = False,
+    sampling: Sampling = Sampling(),
+) -> list[str]:
+    """Continuations of already-encoded prompts (new text only), in order: greedy, or sampled
+    as ``sampling`` says (the rest as in :func:`greedy_generate_ids`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -114,7 +169,11 @@ def greedy_generate_ids(
     outputs: list[str] = [""] * len(prompt_ids)
     bar = tqdm(total=len(order), desc="eval: generating", unit="prompt", leave=False,
                disable=not progress or None, dynamic_ncols=True)
+    rng = contextlib.ExitStack()
     try:
+        if not sampling.greedy:
+            rng.enter_context(torch.random.fork_rng())
+            torch.manual_seed(sampling.seed)
         model.eval()
         tokenizer.padding_side = "left"
         for batch in _batches(order, batch_size):
@@ -129,11 +188,7 @@ def greedy_generate_ids(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
+                    **sampling.generate_kwargs(),
                     use_cache=True,
                     pad_token_id=pad_id,
                     eos_token_id=stops,
@@ -144,6 +199,7 @@ def greedy_generate_ids(
                 outputs[i] = text.strip()
             bar.update(len(batch))
     finally:
+        rng.close()
         bar.close()
         tokenizer.padding_side = padding_side
         model.train(was_training)
