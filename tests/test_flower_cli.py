@@ -99,3 +99,59 @@ def test_stop_tree_stops_descendants_in_sessions_of_their_own(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_local_shows_the_round_table_and_summary_not_flowers_output(tmp_path, monkeypatch,
+                                                                    capsys):
+    """``fedtune flower local``'s console: fedtune's round table as rows arrive and the closing
+    summary of ``fedtune run``; Flower's output goes to its log file (a stand-in federation
+    plays the ServerApp: it writes the run directory while the CLI waits)."""
+    import json
+
+    from fedtune.federation.flower import local
+
+    out = tmp_path / "run"
+    rows = [{"round": r, "train_loss": None if r == 0 else 2.0 - r / 10, "eval_loss": 2.5,
+             "rougeL": 0.1, "bytes_up_per_client": 100 * r, "bytes_down_per_client": 100 * r,
+             "wall_s": 1.0, "peak_memory_mb": 50.0} for r in range(3)]
+    summary = {"algorithm": "fedit", "rounds": 2, "rounds_run": 2, "clients_per_round": 2,
+               "num_clients": 2, "base": {"rougeL": 0.1, "eval_loss": 2.5},
+               "final": {"rougeL": 0.2, "eval_loss": 2.1},
+               "bytes": {"up_per_client_round": 150, "down_per_client_round": 150,
+                         "total": 1200},
+               "wall_s": 3.0, "peak_memory_mb": 50.0, "run_dir": str(out),
+               "model_dir": str(out / "model"), "plots": []}
+
+    class Federation:
+        def __init__(self, work, nodes, **kwargs):
+            self.port, self.startup_s, self.run_log = 1234, 0.1, work / "logs" / "run-1.log"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def submit(self, text, run_dir, *, timeout, echo=False, on_wait=None, poll_s=1.0):
+            assert not echo  # Flower's DEBUG lines, colours and bars stay in the log file
+            self.run_log.parent.mkdir(parents=True)
+            self.run_log.write_text("\x1b[92mINFO \x1b[0m: DEBUG flwr ... loading ████\n")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for row in rows:
+                with (run_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                on_wait()
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+            return 0
+
+    monkeypatch.setattr(local, "LocalFederation", Federation)
+    assert main(["flower", "local", "--set", "data.num_clients=2", "--set",
+                 "federation.clients_per_round=2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "\x1b[" not in printed and "DEBUG" not in printed and "█" not in printed
+    table = [line.split() for line in printed.splitlines()]
+    assert ["round", "train_loss", "eval_loss"] == table[1][:3]
+    assert [t[0] for t in table if t and t[0].isdigit()] == ["0", "1", "2"]  # each row once
+    assert "fedtune fedit: 2 rounds, 2 of 2 clients per round" in printed
+    assert "eval loss  before 2.5000  after 2.1000" in printed
+    assert f"run directory: {out}" in printed

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
+from typing import TextIO
 
 DESCRIPTION = """\
 Run a fedtune config on Flower: `local` starts a SuperLink and one SuperNode per client on this
@@ -33,7 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     fsub = f.add_subparsers(dest="flower_command", required=True)
 
-    loc = fsub.add_parser("local", help="a SuperLink and N SuperNodes on loopback, one run")
+    loc = fsub.add_parser("local", help="a SuperLink and N SuperNodes on loopback, one run",
+                          description="Start a SuperLink and one SuperNode per client on this "
+                          "machine, run the config on them and stop every process again. The "
+                          "console shows fedtune's round table and closing summary, as "
+                          "`fedtune run` does; Flower's own output goes to RUN_DIR/flower/logs/. "
+                          "A run directory holding a checkpoint resumes.")
     loc.add_argument("config", nargs="?", help="TOML config (default: embedded defaults)")
     loc.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -49,7 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     loc.add_argument("--timeout", type=float, default=24 * 3600.0,
                      help="seconds before the run is given up (default: a day)")
 
-    run = fsub.add_parser("run", help="submit a config to a running SuperLink")
+    run = fsub.add_parser("run", help="submit a config to a running SuperLink",
+                          description="Submit a config to a SuperLink you started (`flwr run "
+                          "--stream`); the ServerApp writes the run directory on the "
+                          "SuperLink's machine.")
     run.add_argument("config", nargs="?", help="TOML config (default: embedded defaults)")
     run.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY=VALUE", help="override a config key (repeatable)")
@@ -58,7 +68,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", required=True,
                      help="run directory on the SuperLink's machine (absolute)")
 
-    certs = fsub.add_parser("certs", help="a test CA, server certificate and SuperNode keys")
+    certs = fsub.add_parser("certs", help="a test CA, server certificate and SuperNode keys",
+                            description="Write a test CA, a server certificate for --host and "
+                            "SuperNode key pairs (for --tls tries and small deployments; use "
+                            "your own PKI in production).")
     certs.add_argument("out", help="folder to write them to")
     certs.add_argument("--nodes", type=int, default=2, help="SuperNode key pairs (default 2)")
     certs.add_argument("--host", action="append", default=[],
@@ -66,7 +79,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "default 127.0.0.1 and localhost)")
     certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
 
-    fsub.add_parser("app", help="print the Flower app folder (for `flwr run APP ...`)")
+    fsub.add_parser("app", help="print the Flower app folder (for `flwr run APP ...`)",
+                    description="Print the folder of fedtune's Flower app (its pyproject.toml "
+                    "names the ServerApp and ClientApp), for `flwr run APP ...`.")
 
 
 def _config_text(args: argparse.Namespace) -> tuple[str, Path]:
@@ -148,20 +163,75 @@ def _run(args: argparse.Namespace) -> int:
         raise ConfigError("--simulation", True, "takes neither --tls nor --model-dir")
     certs = make_certs(work / "certs", nodes) if args.tls else None
     node_config = {"model-dir": str(Path(args.model_dir).resolve())} if args.model_dir else {}
+    rounds = RoundPrinter(out / "metrics.jsonl", _private(text))
     with LocalFederation(work, nodes, certs=certs, node_config=node_config,
                          simulation=args.simulation) as fed:
         kind = ("simulation engine" if args.simulation else
                 "TLS + node auth" if certs else "insecure")
         print(f"fedtune flower local: SuperLink on 127.0.0.1:{fed.port} ({kind}), {nodes} "
-              f"SuperNodes, started in {fed.startup_s:.1f} s; logs in {work / 'logs'}",
-              flush=True)
-        rc = fed.submit(text, out, timeout=args.timeout, echo=True)
+              f"SuperNodes, started in {fed.startup_s:.1f} s; Flower's logs in "
+              f"{work / 'logs'}", flush=True)
+        rc = fed.submit(text, out, timeout=args.timeout, on_wait=rounds.poll)
+        run_log = fed.run_log
+    rounds.poll()
     if rc != 0 or not (out / "summary.json").is_file():
-        print(f"fedtune flower local: the run did not finish (flwr run exit code {rc}); "
-              f"logs in {work / 'logs'}; rerun the same command to resume")
+        print(f"fedtune flower local: the run did not finish (flwr run exit code {rc}); the "
+              f"end of {run_log}:\n{_tail(run_log)}\nall logs in {work / 'logs'}; rerun the "
+              "same command to resume")
         return rc or 1
-    print(f"fedtune flower local: done, run directory {out}")
+    print(closing_text(out))
     return 0
+
+
+class RoundPrinter:
+    """``fedtune flower local``'s console: the run's per-round table, a line as the ServerApp
+    appends each row to ``metrics.jsonl`` (Flower's own output stays in its log files)."""
+
+    def __init__(self, metrics: Path, private: bool = False, out: TextIO | None = None) -> None:
+        self.metrics, self.private, self.out = metrics, private, out
+        self.printed = 0
+
+    def poll(self) -> None:
+        from fedtune.metrics import read_metrics
+        from fedtune.report import table_header, table_row
+
+        rows = read_metrics(self.metrics)
+        self.printed = min(self.printed, len(rows))  # a resume dropped unfinished rounds
+        if self.printed == 0 and rows:
+            head = table_header(self.private)
+            print(f"{head}\n{'-' * len(head)}", file=self.out)
+        for row in rows[self.printed:]:
+            print(table_row(row, self.private), file=self.out, flush=True)
+        self.printed = len(rows)
+
+
+def closing_text(run_dir: Path) -> str:
+    """What ``fedtune run`` prints at the end, from the run directory the ServerApp wrote: how
+    the answers changed and the closing summary."""
+    from fedtune.report import answers_text, summary_text
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    answers = run_dir / "answers.jsonl"
+    lines = []
+    if answers.is_file():
+        rows = [json.loads(x) for x in answers.read_text().splitlines() if x.strip()]
+        if rows:
+            lines.append(answers_text(rows))
+    return "\n".join([*lines, summary_text(summary)])
+
+
+def _private(config_text: str) -> bool:
+    """Whether the run is differentially private (its rows carry epsilon)."""
+    import tomllib
+
+    dp = tomllib.loads(config_text).get("algorithm", {}).get("dp", {})
+    return float(dp.get("noise_multiplier", 0.0)) > 0
+
+
+def _tail(path: Path | None, lines: int = 15) -> str:
+    from fedtune.federation.flower.local import tail
+
+    return tail(path, lines) if path is not None else ""
 
 
 def _num_clients(config_text: str) -> int:

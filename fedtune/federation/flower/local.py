@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -161,6 +161,7 @@ class LocalFederation:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
         self._runs = 0
+        self.run_log: Path | None = None  # Flower's output of the last submitted run
         self._t0 = self.startup_s = 0.0
         self._old_sigterm: Any = None
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
@@ -312,11 +313,14 @@ class LocalFederation:
         return res.stdout
 
     def submit(self, config_text: str, run_dir: Path, *, timeout: float = 3600.0,
-               echo: bool = False) -> int:
+               echo: bool = False, on_wait: Callable[[], None] | None = None,
+               poll_s: float = 1.0) -> int:
         """Run one fedtune config on this federation (``flwr run --stream``); its exit code.
 
         The run directory is written by the ServerApp (here: on this machine); a run directory
-        holding a checkpoint resumes from its last completed round.
+        holding a checkpoint resumes from its last completed round. Flower's own output goes to
+        ``WORK/logs/run-N.log`` (:attr:`run_log`), or to this console with ``echo``;
+        ``on_wait`` is called every ``poll_s`` seconds while the run goes on (to show progress).
         """
         self._runs += 1
         name = f"run-{self._runs}"
@@ -328,14 +332,23 @@ class LocalFederation:
         if self.simulation:
             cmd += ["--federation-config",
                     f"num-supernodes={self.nodes} client-resources-num-cpus=1"]
-        log_path = self.work / "logs" / f"{name}.log"
+        log_path = self.run_log = self.work / "logs" / f"{name}.log"
         with open(log_path, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=None if echo else out,
                                     stderr=None if echo else subprocess.STDOUT,
                                     env=self._env(self.cli_home), cwd=self.cli_home,
                                     start_new_session=True)
+            deadline = time.monotonic() + timeout
             try:
-                return proc.wait(timeout=timeout)
+                while True:
+                    try:
+                        return proc.wait(timeout=min(poll_s, max(0.0, deadline -
+                                                                  time.monotonic())))
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() >= deadline:
+                            raise
+                        if on_wait is not None:
+                            on_wait()
             finally:
                 if proc.poll() is None:
                     stop_tree(proc.pid, grace=0.0)
