@@ -5,11 +5,12 @@ from fedtune.data.generated import FAMILIES, generate_suite
 from fedtune.data.loaders import (
     DataError,
     load_alpaca,
+    load_chat,
     load_dolly,
     load_hub,
     load_jsonl,
-    load_natural_instructions,
 )
+from fedtune.data.natural_instructions import load_natural_instructions
 from fedtune.data.partition import (
     PartitionSummary,
     partition_by_id,
@@ -46,6 +47,7 @@ __all__ = [
     "format_prompt",
     "generate_suite",
     "load_alpaca",
+    "load_chat",
     "load_dolly",
     "load_hub",
     "load_jsonl",

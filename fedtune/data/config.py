@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.configbase import check, check_choices, option
+from fedtune.data.loaders import CHAT_FIELDS
 
 TEMPLATES = ("auto", "alpaca", "chat")
-FORMATS = ("generated", "dolly", "natural-instructions", "alpaca", "jsonl", "hub")
+FORMATS = ("generated", "dolly", "natural-instructions", "alpaca", "jsonl", "csv", "parquet",
+           "chat", "hub")
 PARTITIONS = ("iid", "dirichlet", "natural")
+ON_BAD = ("skip", "error")
+MAPPED_FORMATS = ("jsonl", "csv", "parquet", "hub")  # the formats whose field map is required
 
 
 @dataclass
@@ -17,20 +21,41 @@ class DataConfig:
         "generated",
         "Record source: 'generated' (fedtune's own suite, no files needed), 'dolly' (Dolly-15k "
         "JSONL), 'natural-instructions' (task JSON files + split files), 'alpaca' (Alpaca-style "
-        "JSON list), 'jsonl' (any JSONL, see data.fields) or 'hub' (a datasets hub id or path).",
+        "JSON list), 'jsonl', 'csv' or 'parquet' (any such file, columns named by data.fields), "
+        "'chat' (records {messages = [{role, content}, ...]} with roles system, user and "
+        "assistant, in JSONL, a JSON list or Parquet; the loss is on every assistant turn) or "
+        "'hub' (anything datasets.load_dataset reads: a hub id, a dataset folder or a local "
+        ".json/.jsonl/.csv/.parquet file, columns named by data.fields).",
         FORMATS,
     )
     path: str = option(
         "",
         "File or directory of the records (for natural-instructions: the folder holding "
-        "'tasks_full/' or 'tasks/' and 'splits/default/'; for hub: a hub id or local path).",
+        "'tasks_full/' or 'tasks/' and 'splits/default/'; for hub: a hub id or local path). "
+        "A relative path resolves against data.root, else the config file's folder (the "
+        "current folder for a path given by --set or with no config file).",
+    )
+    root: str = option(
+        "",
+        "Folder that a relative data.path (and algorithm.fedpt.distill_path) resolves against; "
+        "empty: the config file's folder. Itself relative: to the config file's folder, or to "
+        "the current folder when given by --set (e.g. --set data.root=../shared/data).",
     )
     fields: dict = option(
         {},
-        "For 'jsonl' and 'hub': map of record field -> source key, e.g. "
-        "{instruction = 'question', output = 'answer', input = 'context', category = 'topic'}.",
+        "For 'jsonl', 'csv', 'parquet' and 'hub': map of record field -> source key, e.g. "
+        "{instruction = 'question', output = 'answer', input = 'context', category = 'topic'} "
+        "(instruction and output required). For 'chat', optional: messages, category and "
+        "source_id (e.g. {messages = 'conversation'}).",
     )
-    hub_split: str = option("train", "For 'hub': the split to load.")
+    hub_split: str = option("train", "For 'hub' (and 'chat' read by datasets): the split.")
+    on_bad: str = option(
+        "skip",
+        "A bad record (a missing key, empty text, a malformed conversation): 'skip' it (one "
+        "warning per file with the count and the first, by file and line) or 'error' (stop at "
+        "the first, naming its file and line). A file with no good record is always an error.",
+        ON_BAD,
+    )
     generated_per_family: int = option(
         100, "For 'generated': examples generated per task family."
     )
@@ -118,11 +143,14 @@ class DataConfig:
               "names a category twice")
         check(self.format == "generated" or bool(self.path), f"{prefix}.path", self.path,
               f"is required when data.format = {self.format!r}")
-        if self.format in ("jsonl", "hub"):
+        if self.format in MAPPED_FORMATS:
             for required in ("instruction", "output"):
                 check(required in self.fields, f"{prefix}.fields", self.fields,
                       f"must map '{required}' to a source key for format {self.format!r}")
-        allowed = {"instruction", "input", "output", "category", "source_id"}
+        allowed = (set(CHAT_FIELDS) if self.format == "chat" else
+                   {"instruction", "input", "output", "category", "source_id"})
         for k in self.fields:
             check(k in allowed, f"{prefix}.fields.{k}", self.fields[k],
-                  f"unknown record field; expected one of {sorted(allowed)}")
+                  f"unknown field for format {self.format!r}; expected one of {sorted(allowed)}")
+            check(isinstance(self.fields[k], str) and bool(self.fields[k]),
+                  f"{prefix}.fields.{k}", self.fields[k], "must be a source key (a string)")

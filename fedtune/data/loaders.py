@@ -1,27 +1,31 @@
 """Loaders: every data source becomes a list of :class:`~fedtune.data.records.Record`.
 
 Sources: Dolly-15k (JSONL, optionally gzipped), Alpaca-style JSON lists, any JSONL with a field
-map, anything ``datasets.load_dataset`` reads (hub ids for users who are online, local files), and
-Natural Instructions task folders with the paper's sampling.
+map, chat conversations (``{"messages": [{"role": ..., "content": ...}, ...]}`` per record, as
+TRL and most instruction sets ship them), anything ``datasets.load_dataset`` reads (local
+CSV / JSON / Parquet files, hub ids for users who are online). Natural Instructions task folders
+have their own module (:mod:`fedtune.data.natural_instructions`).
 
 Errors name the file and the line or record: a missing file or malformed JSON raises
 :class:`DataError`. A record missing a required key, or with an empty instruction or output, is a
 *bad record*: by default (``on_bad="skip"``) it is skipped and one warning per file gives the count
-and the first offender; ``on_bad="error"`` raises at the first one instead.
+and the first offender; ``on_bad="error"`` raises at the first one instead. Locations are 1-based:
+``line N`` of a JSONL or CSV file (a CSV row spanning lines is named by its first), ``record N,
+line L`` of a JSON list, ``row N`` of a Parquet file or hub split. A source whose every record is
+bad raises too, naming the first.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
 import logging
-import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
-
-import numpy as np
 
 from fedtune.data.records import Record
 
@@ -36,13 +40,15 @@ DOLLY_FIELDS: Mapping[str, str] = {
 ALPACA_FIELDS: Mapping[str, str] = {
     "instruction": "instruction", "input": "input", "output": "output", "category": "category",
 }
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_FIELDS = ("messages", "category", "source_id")  # what a chat source's field map may name
 
 
 class DataError(ValueError):
     """A data problem; the message names the file (and the line or record) it was found in."""
 
 
-class _BadRecords:
+class BadRecords:
     """Bad records of one source: raise at the first (``error``) or count them and warn once."""
 
     def __init__(self, source: str, on_bad: str) -> None:
@@ -53,23 +59,29 @@ class _BadRecords:
         self.count = 0
         self.first = ""
 
-    def add(self, where: str, reason: str) -> None:
+    def add(self, where: str | Callable[[], str], reason: str) -> None:
+        """Count (or raise for) one bad record; a callable ``where`` is only called to name the
+        first (finding a record's line may mean reading the file again)."""
         if self.on_bad == "error":
-            raise DataError(f"{self.source}, {where}: {reason}")
+            raise DataError(f"{self.source}, {_name(where)}: {reason}")
         self.count += 1
         if not self.first:
-            self.first = f"{where}: {reason}"
+            self.first = f"{_name(where)}: {reason}"
 
     def report(self, total: int) -> None:
         if self.count:
             logger.warning(
-                "%s: skipped %d of %d records with a missing key or empty text (first: %s); "
-                "pass on_bad='error' to stop at the first one instead",
+                "%s: skipped %d of %d records that are bad (first: %s); set data.on_bad = "
+                "'error' to stop at the first one instead",
                 self.source, self.count, total, self.first,
             )
 
 
-def _open_text(path: Path) -> IO[str]:
+def _name(where: str | Callable[[], str]) -> str:
+    return where if isinstance(where, str) else where()
+
+
+def open_text(path: Path) -> IO[str]:
     """Open ``path`` as UTF-8 text, gunzipping ``*.gz``; a missing file is a :class:`DataError`."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
@@ -82,7 +94,7 @@ def _open_text(path: Path) -> IO[str]:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based line number, parsed object) of every non-blank line of a JSONL file."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         try:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
@@ -97,9 +109,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from e
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """The parsed content of one JSON document (optionally gzipped)."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         try:
             text = f.read()
         except (UnicodeDecodeError, OSError) as e:
@@ -146,44 +158,143 @@ def _make_record(row: Any, fields: Mapping[str, str]) -> Record | str:
         elif raw is not None and text is None:
             return f"non-text {key!r} ({type(raw).__name__})"
         values[name] = text or ""
-    return Record(**values)
+    return Record(values["instruction"], values["input"], values["output"], values["category"],
+                  values["source_id"])
+
+
+def chat_messages(value: Any) -> tuple[tuple[str, str], ...] | str:
+    """The ``(role, content)`` pairs of one conversation, or the reason it is bad (a str).
+
+    A trainable conversation: roles system (first only), user and assistant; the first turn after
+    a system message is the user's, the last is the assistant's (the answer), and no assistant
+    turn is empty.
+    """
+    if not isinstance(value, list) or not value:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    out: list[tuple[str, str]] = []
+    for j, message in enumerate(value, start=1):
+        if not isinstance(message, Mapping):
+            return f"message {j} is a {type(message).__name__}, not a {{role, content}} object"
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            return f"message {j}: role {role!r}; expected one of {list(CHAT_ROLES)}"
+        if not isinstance(content, str):
+            return f"message {j} ({role}): content must be text, got {type(content).__name__}"
+        if role == "system" and j > 1:
+            return f"message {j}: a system message may only come first"
+        if role == "assistant" and not content.strip():
+            return f"message {j}: empty assistant content"
+        out.append((role, content))
+    turns = [role for role, _ in out if role != "system"]
+    if not turns or turns[0] != "user":
+        return "the first message after the system prompt must be the user's"
+    if turns[-1] != "assistant":
+        return "the last message must be the assistant's (the answer to learn)"
+    return tuple(out)
+
+
+def _make_chat_record(row: Any, fields: Mapping[str, str]) -> Record | str:
+    """The chat record of ``row`` (its ``fields.get('messages', 'messages')`` list), or why not:
+    instruction = the last user turn, output = the last assistant turn, messages = all turns."""
+    if not isinstance(row, Mapping):
+        return f"expected a JSON object, got {type(row).__name__}"
+    key = fields.get("messages", "messages")
+    if key not in row:
+        return f"missing key {key!r} (a list of {{role, content}} messages)"
+    messages = chat_messages(row[key])
+    if isinstance(messages, str):
+        return messages
+    extra = {}
+    for name in ("category", "source_id"):
+        raw = row.get(fields[name]) if name in fields else None
+        text = _as_text(raw)
+        if raw is not None and text is None:
+            return f"non-text {fields[name]!r} ({type(raw).__name__})"
+        extra[name] = text or ""
+    user = [content for role, content in messages if role == "user"][-1]
+    return Record(instruction=user, input="", output=messages[-1][1], messages=messages, **extra)
 
 
 def _records_from_rows(
-    rows: Iterable[tuple[str, Any]], fields: Mapping[str, str], source: str, on_bad: str
+    rows: Iterable[tuple[int, Any]], make: Callable[[Any], Record | str],
+    locate: Callable[[int], str], source: str, on_bad: str,
 ) -> list[Record]:
-    """Records of ``(location, row)`` pairs; bad rows skipped-and-counted or raised."""
-    bad = _BadRecords(source, on_bad)
+    """Records of ``(index, row)`` pairs by ``make``; bad rows skipped-and-counted or raised,
+    named by ``locate(index)``. No record left at all is an error naming the first bad one."""
+    bad = BadRecords(source, on_bad)
     out: list[Record] = []
     total = 0
-    for where, row in rows:
+    for index, row in rows:
         total += 1
-        rec = _make_record(row, fields)
+        rec = make(row)
         if isinstance(rec, str):
-            bad.add(where, rec)
+            bad.add(partial(locate, index), rec)
         else:
             out.append(rec)
+    if not out:
+        raise DataError(f"{source}: no usable record" + (
+            f"; all {total} are bad, the first at {bad.first}" if total else " (empty)"))
     bad.report(total)
     logger.info("loaded %d records from %s", len(out), source)
     return out
+
+
+def _line(n: int) -> str:
+    return f"line {n}"
+
+
+def _mapped(fields: Mapping[str, str]) -> Callable[[Any], Record | str]:
+    return lambda row: _make_record(row, fields)
 
 
 def load_dolly(path: str | Path, on_bad: str = "skip") -> list[Record]:
     """Dolly-15k JSONL (``.jsonl`` or ``.jsonl.gz``): instruction, context -> input,
     response -> output, category."""
     p = Path(path)
-    rows = ((f"line {n}", obj) for n, obj in _iter_jsonl(p))
-    return _records_from_rows(rows, DOLLY_FIELDS, str(p), on_bad)
+    return _records_from_rows(_iter_jsonl(p), _mapped(DOLLY_FIELDS), _line, str(p), on_bad)
+
+
+def _json_list_lines(path: Path) -> list[int]:
+    """The 1-based line on which each element of a (valid) JSON list file starts."""
+    with open_text(path) as f:
+        text = f.read()
+    decoder = json.JSONDecoder()
+
+    def skip(i: int) -> int:  # past whitespace and the commas between elements
+        while i < len(text) and text[i] in " \t\r\n,":
+            i += 1
+        return i
+
+    lines: list[int] = []
+    line, pos = 1, 0
+    i = skip(text.index("[") + 1)
+    while i < len(text) and text[i] != "]":
+        line, pos = line + text.count("\n", pos, i), i
+        lines.append(line)
+        i = skip(decoder.raw_decode(text, i)[1])
+    return lines
+
+
+def _list_locator(path: Path) -> Callable[[int], str]:
+    """``record N, line L`` of the list element at 0-based ``index`` (lines read when asked)."""
+    lines: list[int] = []
+
+    def locate(index: int) -> str:
+        if not lines:
+            lines.extend(_json_list_lines(path))
+        return f"record {index + 1}, line {lines[index]}"
+
+    return locate
 
 
 def load_alpaca(path: str | Path, on_bad: str = "skip") -> list[Record]:
     """An Alpaca-style JSON list of ``{instruction, input?, output, category?}`` objects."""
     p = Path(path)
-    data = _read_json(p)
+    data = read_json(p)
     if not isinstance(data, list):
         raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
-    rows = ((f"record {i}", obj) for i, obj in enumerate(data))
-    return _records_from_rows(rows, ALPACA_FIELDS, str(p), on_bad)
+    return _records_from_rows(enumerate(data), _mapped(ALPACA_FIELDS), _list_locator(p), str(p),
+                              on_bad)
 
 
 def load_jsonl(path: str | Path, fields: Mapping[str, str], on_bad: str = "skip") -> list[Record]:
@@ -191,11 +302,85 @@ def load_jsonl(path: str | Path, fields: Mapping[str, str], on_bad: str = "skip"
     input, category, source_id optional)."""
     check_fields(fields)
     p = Path(path)
-    rows = ((f"line {n}", obj) for n, obj in _iter_jsonl(p))
-    return _records_from_rows(rows, fields, str(p), on_bad)
+    return _records_from_rows(_iter_jsonl(p), _mapped(fields), _line, str(p), on_bad)
 
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _local_builder(p: Path) -> str | None:
+    """The ``datasets`` builder of a local file by its suffix (``.gz`` looked through)."""
+    suffixes = [s for s in p.suffixes if s != ".gz"]
+    return _LOCAL_BUILDERS.get(suffixes[-1] if suffixes else "")
+
+
+def _csv_row_lines(path: Path) -> list[int]:
+    """The 1-based line on which each data row of a CSV file starts (blank lines skipped, as
+    ``datasets``' csv builder skips them)."""
+    starts: list[int] = []
+    with open_text(path) as f:
+        reader = csv.reader(f)
+        next(reader, None)  # the header
+        end = reader.line_num
+        for row in reader:
+            if row:
+                starts.append(end + 1)
+            end = reader.line_num
+    return starts
+
+
+def _jsonl_row_lines(path: Path) -> list[int]:
+    return [n for n, _ in _iter_jsonl(path)]
+
+
+def _row_locator(p: Path, builder: str | None) -> Callable[[int], str]:
+    """The 1-based name of row ``index`` of a ``datasets`` split read from ``p``: its line in a
+    local CSV or JSONL file, its record and line in a JSON list, else ``row N``."""
+    lines: list[int] = []
+    if not p.is_file():
+        return lambda index: f"row {index + 1}"
+    if builder == "json" and _read_first_char(p) == "[":
+        return _list_locator(p)
+    find = {"csv": _csv_row_lines, "json": _jsonl_row_lines}.get(builder or "")
+    if find is None:
+        return lambda index: f"row {index + 1}"
+
+    def locate(index: int) -> str:
+        if not lines:
+            lines.extend(find(p))
+        return f"line {lines[index]}" if index < len(lines) else f"row {index + 1}"
+
+    return locate
+
+
+def _read_first_char(p: Path) -> str:
+    with open_text(p) as f:
+        for line in f:
+            if line.strip():
+                return line.strip()[0]
+    return ""
+
+
+def _load_split(name_or_path: str, split: str, builder: str | None,
+                cache_dir: str | None) -> tuple[Any, str | None]:
+    """``(dataset, builder)`` of ``datasets.load_dataset``: a local file through ``builder``
+    (default: by its suffix), else a local dataset folder or a hub id."""
+    from datasets import load_dataset  # heavy import, only paid by these loaders
+
+    p = Path(name_or_path)
+    builder = builder or _local_builder(p)
+    try:
+        if p.is_file() and builder is not None:
+            return load_dataset(builder, data_files={split: str(p)}, split=split,
+                                cache_dir=cache_dir), builder
+        if p.suffix and builder is not None and not p.exists():
+            raise DataError(f"{p}: no such file")
+        return load_dataset(name_or_path, split=split, cache_dir=cache_dir), None
+    except DataError:
+        raise
+    except Exception as e:  # datasets raises many types; keep the cause chained
+        raise DataError(f"{name_or_path} (split {split!r}): datasets.load_dataset failed: "
+                        f"{type(e).__name__}: {e}") from e
 
 
 def load_hub(
@@ -204,167 +389,51 @@ def load_hub(
     fields: Mapping[str, str],
     on_bad: str = "skip",
     cache_dir: str | None = None,
+    builder: str | None = None,
 ) -> list[Record]:
-    """Records through ``datasets.load_dataset``: a hub id (online users), a local dataset folder,
-    or a local ``.json/.jsonl/.csv/.parquet`` file (optionally ``.gz``) read by the matching
-    builder as split ``split``."""
+    """Records through ``datasets.load_dataset``: a local ``.json/.jsonl/.csv/.parquet`` file
+    (optionally ``.gz``; ``builder`` = 'csv', 'json' or 'parquet' for any other name) read as
+    split ``split``, a local dataset folder, or a hub id (online users)."""
     check_fields(fields)
-    from datasets import load_dataset  # heavy import, only paid by this loader
-
-    p = Path(name_or_path)
-    suffixes = [s for s in p.suffixes if s != ".gz"]
-    builder = _LOCAL_BUILDERS.get(suffixes[-1] if suffixes else "")
-    try:
-        if p.is_file() and builder is not None:
-            ds = load_dataset(builder, data_files={split: str(p)}, split=split,
-                              cache_dir=cache_dir)
-        elif p.suffix and builder is not None and not p.exists():
-            raise DataError(f"{p}: no such file")
-        else:
-            ds = load_dataset(name_or_path, split=split, cache_dir=cache_dir)
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types; keep the cause chained
-        raise DataError(f"{name_or_path} (split {split!r}): datasets.load_dataset failed: "
-                        f"{type(e).__name__}: {e}") from e
+    ds, builder = _load_split(name_or_path, split, builder, cache_dir)
     columns = list(ds.column_names)
     for name in REQUIRED_FIELDS:
         if fields[name] not in columns:
             raise DataError(f"{name_or_path} (split {split!r}): no column {fields[name]!r} "
                             f"for record field {name!r}; columns are {columns}")
-    rows = ((f"row {i}", row) for i, row in enumerate(ds))
-    return _records_from_rows(rows, fields, f"{name_or_path} (split {split!r})", on_bad)
+    source = name_or_path if Path(name_or_path).is_file() else f"{name_or_path} (split {split!r})"
+    return _records_from_rows(enumerate(ds), _mapped(fields),
+                              _row_locator(Path(name_or_path), builder), source, on_bad)
 
 
-# ----------------------------------------------------------------------------------------------
-# Natural Instructions
+def check_chat_fields(fields: Mapping[str, str]) -> None:
+    """Check a chat source's field map: only messages, category and source_id may be mapped."""
+    for key in fields:
+        if key not in CHAT_FIELDS:
+            raise DataError(f"unknown field {key!r} in the field map of chat records; expected "
+                            f"some of {list(CHAT_FIELDS)}")
 
 
-def ni_sample_size(n: int, fraction: float, min_instances: int, train: bool) -> int:
-    """How many of a task's ``n`` instances (after the length filter) the paper's protocol keeps.
-
-    train: ``0`` (task skipped) when ``n < min_instances``, else ``max(1, floor(fraction * n))``
-    (FedKSeed: 20%); eval: ``min(n, max(min_instances, floor(fraction * n)))`` (FedKSeed:
-    max(20, 2%); a test task with fewer instances is kept whole, as in the reference).
-    """
-    if train:
-        return 0 if n < min_instances else max(1, int(fraction * n))
-    return min(n, max(min_instances, int(fraction * n)))
-
-
-def _find_task(root: Path, task: str) -> Path | None:
-    """The task file of ``task``: ``tasks_full/<task>.json.gz`` first, then the plain layouts."""
-    for sub in ("tasks_full", "tasks"):
-        for ext in (".json.gz", ".json"):
-            candidate = root / sub / f"{task}{ext}"
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _ni_definition(data: Any, path: Path) -> str:
-    """Definition[0] of a task file (stripped: the template adds its own separators)."""
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object (a Natural Instructions task)")
-    definition = data.get("Definition")
-    if isinstance(definition, list) and definition:
-        definition = definition[0]
-    if not isinstance(definition, str) or not definition.strip():
-        raise DataError(f"{path}: missing or empty 'Definition'")
-    if not isinstance(data.get("Instances"), list):
-        raise DataError(f"{path}: missing 'Instances' list")
-    return definition.strip()
-
-
-def _ni_record(inst: Any, instruction: str, task: str) -> Record | str:
-    """Record of one instance (output = output[0]), or the reason it is bad."""
-    if not isinstance(inst, dict):
-        return f"expected a JSON object, got {type(inst).__name__}"
-    if not isinstance(inst.get("input"), str):
-        return "missing or non-text 'input'"
-    output = inst.get("output")
-    if isinstance(output, list):
-        output = output[0] if output else None
-    if not isinstance(output, str) or not output.strip():
-        return "missing or empty 'output'"
-    return Record(instruction=instruction, input=inst["input"], output=output,
-                  category=task, source_id=task)
-
-
-def load_natural_instructions(
-    root: str | Path,
-    split: str = "train",
-    fraction: float | None = None,
-    min_instances: int = 20,
-    max_input_chars: int = 4096,
-    seed: int = 0,
+def load_chat(
+    path: str | Path,
+    fields: Mapping[str, str] | None = None,
     on_bad: str = "skip",
+    split: str = "train",
+    cache_dir: str | None = None,
 ) -> list[Record]:
-    """Natural Instructions tasks of ``splits/default/<split>_tasks.txt``, sampled as in FedKSeed.
+    """Chat records, ``{"messages": [{"role": ..., "content": ...}, ...]}`` each (see
+    :func:`chat_messages`): a JSONL file (optionally gzipped) read line by line, or anything
+    ``datasets.load_dataset`` reads (a JSON list, Parquet, a dataset folder or hub id) as split
+    ``split``. ``fields`` may name other keys for messages, category and source_id."""
+    fields = dict(fields or {})
+    check_chat_fields(fields)
 
-    Per instance: instruction = Definition[0], input, output = output[0], category = source_id =
-    the task name. Instances whose input is longer than ``max_input_chars`` are dropped (counted),
-    then :func:`ni_sample_size` instances per task are drawn without replacement (``fraction``
-    defaults to 0.2 for ``train``, 0.02 otherwise). Each task has its own generator seeded by
-    ``(seed, crc32(task))``, so a task's sample does not change when other tasks are absent.
-    Tasks listed but not on disk are counted and logged once (only part of NI may be present).
-    """
-    base = Path(root)
-    train = split == "train"
-    frac = fraction if fraction is not None else (0.2 if train else 0.02)
-    if not 0 < frac <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {frac}")
-    split_file = base / "splits" / "default" / f"{split}_tasks.txt"
-    with _open_text(split_file) as f:
-        tasks = list(dict.fromkeys(line.strip() for line in f if line.strip()))
-    found = [(task, _find_task(base, task)) for task in tasks]
-    present = [(task, path) for task, path in found if path is not None]
-    missing = [task for task, path in found if path is None]
-    if missing:
-        logger.warning(
-            "%s: %d of %d tasks listed in %s have no task file under tasks_full/ or tasks/ "
-            "(first: %s); loading the %d present",
-            base, len(missing), len(tasks), split_file.name, missing[0], len(present),
-        )
-    if not present:
-        raise DataError(f"{base}: none of the {len(tasks)} tasks of {split_file} has a task file "
-                        "under tasks_full/ or tasks/")
+    def make(row: Any) -> Record | str:
+        return _make_chat_record(row, fields)
 
-    bad = _BadRecords(f"{base} ({split})", on_bad)
-    total = too_long = 0
-    small: list[str] = []
-    out: list[Record] = []
-    for task, path in present:
-        assert path is not None
-        data = _read_json(path)
-        instruction = _ni_definition(data, path)
-        kept: list[Record] = []
-        for i, inst in enumerate(data["Instances"]):
-            total += 1
-            rec = _ni_record(inst, instruction, task)
-            if isinstance(rec, str):
-                bad.add(f"{path.name} instance {i}", rec)
-            elif len(rec.input) > max_input_chars:
-                too_long += 1
-            else:
-                kept.append(rec)
-        size = ni_sample_size(len(kept), frac, min_instances, train)
-        if size == 0:
-            small.append(f"{task} ({len(kept)})")
-            continue
-        rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
-        chosen = np.sort(rng.choice(len(kept), size=size, replace=False))
-        out.extend(kept[int(i)] for i in chosen)
-    bad.report(total)
-    if too_long:
-        logger.warning("%s (%s): dropped %d of %d instances whose input is longer than "
-                       "max_input_chars=%d", base, split, too_long, total, max_input_chars)
-    if small:
-        logger.warning("%s (%s): skipped %d tasks with fewer than %d instances left: %s",
-                       base, split, len(small), min_instances, ", ".join(small[:10])
-                       + (", ..." if len(small) > 10 else ""))
-    if not out:
-        raise DataError(f"{base} ({split}): no instances left after filtering and sampling")
-    logger.info("%s (%s): %d records from %d tasks (fraction %.3g, seed %d)", base, split,
-                len(out), len(present) - len(small), frac, seed)
-    return out
+    p = Path(path)
+    if p.name.endswith((".jsonl", ".jsonl.gz")):
+        return _records_from_rows(_iter_jsonl(p), make, _line, str(p), on_bad)
+    ds, builder = _load_split(str(path), split, None, cache_dir)
+    source = str(p) if p.is_file() else f"{path} (split {split!r})"
+    return _records_from_rows(enumerate(ds), make, _row_locator(p, builder), source, on_bad)

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from fedtune.data.config import DataConfig
 from fedtune.data.generated import generate_suite
 from fedtune.data.loaders import (
     DataError,
     load_alpaca,
+    load_chat,
     load_dolly,
     load_hub,
     load_jsonl,
-    load_natural_instructions,
 )
+from fedtune.data.natural_instructions import load_natural_instructions
 from fedtune.data.partition import (
     PartitionSummary,
     partition_by_id,
@@ -31,7 +33,7 @@ from fedtune.data.partition import (
     split_heldout,
     summarize,
 )
-from fedtune.data.prompts import format_prompt
+from fedtune.data.prompts import record_text
 from fedtune.data.records import Record
 
 logger = logging.getLogger(__name__)
@@ -50,22 +52,37 @@ def _load_ni(cfg: DataConfig, split: str) -> list[Record]:
     fraction = cfg.ni_train_fraction if split == "train" else cfg.ni_eval_fraction
     return load_natural_instructions(
         cfg.path, split=split, fraction=fraction, min_instances=cfg.ni_min_instances,
-        max_input_chars=cfg.ni_max_input_chars, seed=cfg.seed,
+        max_input_chars=cfg.ni_max_input_chars, seed=cfg.seed, on_bad=cfg.on_bad,
     )
+
+
+def _check_path(cfg: DataConfig) -> None:
+    """A missing data file is named with how a relative path was resolved, before any loading.
+    (A 'hub' or 'chat' path that is not on disk may be a hub id: datasets decides.)"""
+    if cfg.format in ("generated", "hub", "chat") or Path(cfg.path).exists():
+        return
+    raise DataError(f"data.path = {cfg.path!r}: no such file or folder (a relative data.path "
+                    "resolves against data.root, else the config file's folder; set data.root, "
+                    "e.g. --set data.root=DIR, or give an absolute path)")
 
 
 def load_records(cfg: DataConfig) -> list[Record]:
     """All records of ``cfg.format`` (for Natural Instructions: the sampled train tasks)."""
+    _check_path(cfg)
     if cfg.format == "generated":
         return generate_suite(cfg.generated_per_family, cfg.seed)
     if cfg.format == "dolly":
-        return load_dolly(cfg.path)
+        return load_dolly(cfg.path, cfg.on_bad)
     if cfg.format == "alpaca":
-        return load_alpaca(cfg.path)
+        return load_alpaca(cfg.path, cfg.on_bad)
     if cfg.format == "jsonl":
-        return load_jsonl(cfg.path, cfg.fields)
+        return load_jsonl(cfg.path, cfg.fields, cfg.on_bad)
+    if cfg.format in ("csv", "parquet"):
+        return load_hub(cfg.path, cfg.hub_split, cfg.fields, cfg.on_bad, builder=cfg.format)
+    if cfg.format == "chat":
+        return load_chat(cfg.path, cfg.fields, cfg.on_bad, split=cfg.hub_split)
     if cfg.format == "hub":
-        return load_hub(cfg.path, cfg.hub_split, cfg.fields)
+        return load_hub(cfg.path, cfg.hub_split, cfg.fields, cfg.on_bad)
     if cfg.format == "natural-instructions":
         return _load_ni(cfg, "train")
     raise ValueError(f"unknown data.format {cfg.format!r}")
@@ -144,7 +161,8 @@ def build_federated_data(cfg: DataConfig) -> FederatedData:
 
 
 def all_texts(data: FederatedData) -> list[str]:
-    """``prompt + output`` of every record, clients' then eval's (to train a tiny tokenizer)."""
-    return [format_prompt(r) + r.output for c in data.clients for r in c] + [
-        format_prompt(r) + r.output for r in data.eval
+    """The Alpaca text of every record (prompt and answers), clients' then eval's (to train a
+    tiny tokenizer)."""
+    return [record_text(r) for c in data.clients for r in c] + [
+        record_text(r) for r in data.eval
     ]

@@ -13,8 +13,22 @@ Two templates (``data.template``):
 
 Either way the labels are ``-100`` on every prompt token, so the loss is the mean cross-entropy
 over the answer tokens and the closing EOS / end-of-turn token only, and generation stops at that
-token. Chat prompts are encoded without the tokenizer's added specials (a chat template writes its
-own, e.g. Llama 3's ``<|begin_of_text|>``); Alpaca prompts with them, minus a trailing EOS.
+token.
+
+A chat record (``Record.messages``: system, user and assistant turns) is trained on *every*
+assistant turn: the conversation is cut into pieces, each assistant answer (plus its end token)
+trained and everything between (system prompt, user turns, the template's role headers) masked.
+With the chat template, piece k is ``render(turns before answer k, add_generation_prompt=True)``
+minus what the pieces before it cover, so the ids are the template's own rendering; a template
+that renders earlier turns differently once more follow is refused. Without one (``alpaca``), the
+conversation is laid out as the system prompt (else Alpaca's preamble), then for each user turn
+``### Instruction:`` and ``### Response:``, each answer followed by EOS; a one-turn conversation
+without a system prompt is exactly the Alpaca prompt of a record without input. The prompt of a
+chat record (for generation and evaluation, whose reference is the last answer) is everything
+before its last answer.
+
+Chat prompts are encoded without the tokenizer's added specials (a chat template writes its own,
+e.g. Llama 3's ``<|begin_of_text|>``); Alpaca prompts with them, minus a trailing EOS.
 
 Too long an example keeps its answer: the prompt loses tokens from its middle (the template's head
 and the instruction at the start, the last of the input and the answer cue at the end stay), down
@@ -26,7 +40,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -39,23 +53,50 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TEMPLATES = ("auto", "alpaca", "chat")
+T = TypeVar("T")
 
 _WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
     "context. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
+_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately "
+             "completes the request.")
+_NO_INPUT = _PREAMBLE + "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+_TURN = "### Instruction:\n{content}\n\n### Response:\n"
 _MARK = "\x00fedtune-answer\x00"  # a stand-in answer, to find where the template closes a turn
+
+Segments = list[tuple[str, bool]]  # (text, trained): a conversation cut at its answers
+
+
+def alpaca_segments(messages: Sequence[tuple[str, str]]) -> Segments:
+    """A conversation in the Alpaca layout (module docstring), cut into (text, trained) pieces
+    that alternate prompt, answer, prompt, ..., answer."""
+    head = messages[0][1] if messages and messages[0][0] == "system" else _PREAMBLE
+    out: Segments = []
+    text = head + "\n\n"
+    for role, content in messages:
+        if role == "user":
+            text += _TURN.format(content=content)
+        elif role == "assistant":
+            out += [(text, False), (content, True)]
+            text = "\n\n"
+    return out
 
 
 def format_prompt(record: Record) -> str:
     """The Alpaca prompt text for ``record``: everything the model conditions on."""
+    if record.messages:
+        return "".join(text for text, _ in alpaca_segments(record.messages)[:-1])
     template = _WITH_INPUT if record.input.strip() else _NO_INPUT
     return template.format(instruction=record.instruction, input=record.input)
+
+
+def record_text(record: Record) -> str:
+    """The whole Alpaca text of ``record``, prompt and answers (e.g. to train a tokenizer on)."""
+    if record.messages:
+        return "".join(text for text, _ in alpaca_segments(record.messages))
+    return format_prompt(record) + record.output
 
 
 def user_message(record: Record) -> str:
@@ -118,7 +159,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str = "auto") -
     return ids
 
 
-def middle_cut(ids: Sequence[int], keep: int) -> list[int]:
+def middle_cut(ids: Sequence[T], keep: int) -> list[T]:
     """``ids`` shortened to ``keep`` tokens by dropping its middle (head and tail stay)."""
     if len(ids) <= keep:
         return list(ids)
@@ -128,8 +169,8 @@ def middle_cut(ids: Sequence[int], keep: int) -> list[int]:
     return list(ids[:head]) + list(ids[len(ids) - (keep - head):])
 
 
-def fit_example(prompt: Sequence[int], response: Sequence[int], max_length: int
-                ) -> tuple[list[int], list[int]]:
+def fit_example(prompt: Sequence[T], response: Sequence[int], max_length: int
+                ) -> tuple[list[T], list[int]]:
     """(prompt, response) within ``max_length`` tokens, the answer kept before the prompt.
 
     The prompt keeps max(max_length - len(response), max_length // 2) tokens (all, if it is
@@ -160,6 +201,69 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str, special: bool) -> lis
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def _encode_prompt(tokenizer: PreTrainedTokenizerBase, text: str, template: str) -> list[int]:
+    """Ids of prompt text that opens a sequence: chat without added specials; Alpaca with them
+    but never with a trailing EOS the tokenizer added (see :func:`prompt_ids`)."""
+    if template == "chat":
+        return _encode(tokenizer, text, special=False)
+    ids = _encode(tokenizer, text, special=True)
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids and ids[-1] == eos:
+        if len(ids) > len(_encode(tokenizer, text, special=False)):
+            ids = ids[:-1]
+    return ids
+
+
+def chat_segments(tokenizer: PreTrainedTokenizerBase, messages: Sequence[tuple[str, str]],
+                  end: int) -> Segments:
+    """A conversation rendered by the tokenizer's chat template, cut into (text, trained) pieces
+    (module docstring). ``end`` is the end-of-turn token (:func:`end_of_turn_id`): its text
+    after an answer belongs to neither piece, the token itself is appended to the answer."""
+    turns = [{"role": role, "content": content} for role, content in messages]
+    end_text = str(tokenizer.decode([end]))
+    out: Segments = []
+    done = ""  # the rendered text the pieces so far stand for
+    for i, (role, content) in enumerate(messages):
+        if role != "assistant":
+            continue
+        prefix = _render(tokenizer, turns[:i], True)
+        full = _render(tokenizer, turns[:i + 1], False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise ValueError(f"the chat template renders the turns before assistant turn "
+                             f"{i + 1} differently once more turns follow, so the conversation "
+                             "cannot be trained turn by turn; use data.template = 'alpaca'")
+        rest = full[len(prefix):]
+        answer = content if rest.startswith(content) else content.strip()
+        if not rest.startswith(answer):
+            raise ValueError(f"the chat template does not write assistant turn {i + 1} as it "
+                             "is; use data.template = 'alpaca'")
+        out += [(prefix[len(done):], False), (answer, True)]
+        done = prefix + answer + (end_text if rest[len(answer):].startswith(end_text) else "")
+    return out
+
+
+def _conversation(record: Record, tokenizer: PreTrainedTokenizerBase, template: str, end: int
+                  ) -> tuple[list[tuple[int, int]], list[int]]:
+    """A chat record as ``(context, answer)``: (id, label) pairs of everything before its last
+    answer (earlier answers labelled, the rest -100) and the last answer's ids plus ``end``."""
+    chat = resolve_template(tokenizer, template) == "chat"
+    pieces = (chat_segments(tokenizer, record.messages, end) if chat
+              else alpaca_segments(record.messages))
+    context: list[tuple[int, int]] = []
+    answer: list[int] = []
+    for k, (text, trained) in enumerate(pieces):
+        if trained:
+            answer = _encode(tokenizer, text, special=False) + [end]
+            if k < len(pieces) - 1:
+                context += [(i, i) for i in answer]
+        elif k == 0:
+            context += [(i, IGNORE_INDEX) for i in
+                        _encode_prompt(tokenizer, text, "chat" if chat else "alpaca")]
+        else:
+            context += [(i, IGNORE_INDEX) for i in _encode(tokenizer, text, special=False)]
+    return context, answer
+
+
 def prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase,
                template: str = "auto") -> list[int]:
     """Ids of the prompt in ``template`` (see the module docstring), never a trailing EOS.
@@ -168,19 +272,17 @@ def prompt_ids(record: Record, tokenizer: PreTrainedTokenizerBase,
     EOS to every encoding; an EOS between prompt and response would teach the model to stop
     before answering, so a trailing EOS the tokenizer *added* (the encoding with specials is
     longer than without) is stripped. Chat: the rendered user turn and the assistant cue, encoded
-    without added specials. Generation uses the same ids, so train and eval condition on
-    identical prompts.
+    without added specials. A chat record's prompt is its conversation before the last answer.
+    Generation uses the same ids, so train and eval condition on identical prompts.
     """
-    if resolve_template(tokenizer, template) == "chat":
+    resolved = resolve_template(tokenizer, template)
+    if record.messages:
+        end = end_of_turn_id(tokenizer, template)
+        return [i for i, _ in _conversation(record, tokenizer, template, end)[0]]
+    if resolved == "chat":
         text = _render(tokenizer, [{"role": "user", "content": user_message(record)}], True)
         return _encode(tokenizer, text, special=False)
-    text = format_prompt(record)
-    ids = _encode(tokenizer, text, special=True)
-    eos = tokenizer.eos_token_id
-    if eos is not None and ids and ids[-1] == eos:
-        if len(ids) > len(_encode(tokenizer, text, special=False)):
-            ids = ids[:-1]
-    return ids
+    return _encode_prompt(tokenizer, format_prompt(record), "alpaca")
 
 
 def tokenize_record(
@@ -191,12 +293,19 @@ def tokenize_record(
 
     input_ids = prompt ids ⧺ tok(output, no specials) ⧺ [END], END = EOS (Alpaca) or the chat
     template's end-of-turn token; labels = [-100] * len(prompt ids) ⧺ the response ids ⧺ [END].
+    A chat record: labels = its ids on every answer and END, -100 elsewhere; too long, it keeps
+    its last answer first, as any record (the context before it loses its middle).
     ``end`` may be passed when already known (:func:`end_of_turn_id`).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     if end is None:
         end = end_of_turn_id(tokenizer, template)
+    if record.messages:
+        pairs, answer = _conversation(record, tokenizer, template, end)
+        context, response = fit_example(pairs, answer, max_length)
+        return TokenizedExample(input_ids=[i for i, _ in context] + response,
+                                labels=[label for _, label in context] + response)
     prompt, response = fit_example(
         prompt_ids(record, tokenizer, template),
         _encode(tokenizer, record.output, special=False) + [end], max_length)
