@@ -111,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="print the fields as a Markdown table (the README's)")
     c.add_argument("--methods", action="store_true",
                    help="print the methods (algorithm.name) as a Markdown table (the README's)")
+    c.add_argument("--example", nargs="?", const="", metavar="NAME",
+                   help="write the shipped example config NAME (e.g. small-fedit) as NAME.toml "
+                   "in the current folder (or --out); without NAME, list the examples")
+    c.add_argument("--out", default=".", metavar="PATH",
+                   help="with --example: the file or folder to write to (default: here)")
+    c.add_argument("--force", action="store_true", help="with --example: overwrite the file")
     s = sub.add_parser("serve-logits", help="serve a model's next-token logits over HTTP",
                        description="Serve MODEL's next-token logits (never its weights) over "
                        "HTTP with an incremental decoding session per request: the black-box "
@@ -411,8 +417,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.methods:
         print(methods_markdown())
         return 0
+    if args.example is not None:
+        return _example(args.example, args.out, args.force)
     for key, tp, default, help_text in describe_fields():
         print(f"{key} ({tp}, default {default!r})\n    {help_text}")
+    return 0
+
+
+def _example(name: str, out: str, force: bool) -> int:
+    """``fedtune config --example [NAME]``: list the shipped configs, or write one."""
+    from fedtune import configs
+
+    if not name:
+        for n in configs.names():
+            print(f"{n:<22} {configs.summary(n)}")
+        print("\nwrite one with: fedtune config --example NAME   (then: fedtune run NAME.toml)")
+        return 0
+    path = configs.write(name, out, force)
+    print(f"wrote {path}; run it with: fedtune run {path}")
     return 0
 
 

@@ -4,12 +4,16 @@
 ``key.sub=value`` overrides, checks every key and type against the dataclasses, then runs each
 section's ``validate()`` and the cross-section checks. Any problem raises
 :class:`fedtune.configbase.ConfigError` naming the dotted key and the value, before any work.
+Relative data paths are made absolute on the way (:func:`resolve_data_paths`): against
+``data.root`` when set, else against the config file's folder, so a config finds its data from
+any working directory; paths given by ``--set`` (or with no file) against the current folder.
 ``save_config`` writes the resolved config back as TOML, so a run directory holds exactly what ran.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -161,9 +165,60 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_value(text.strip())
 
 
+DATA_PATHS = ("data.path", "algorithm.fedpt.distill_path")  # resolved by resolve_data_paths
+MAYBE_HUB_ID = ("hub", "chat")  # formats whose data.path may name a hub dataset, not a file
+
+
+def _get(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _put(raw: dict[str, Any], key: str, value: str) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for part in parents:
+        node = node[part]
+    node[last] = value
+
+
+def resolve_data_paths(raw: dict[str, Any], config_dir: Path | None,
+                       overridden: set[str]) -> None:
+    """Make ``data.root`` and the :data:`DATA_PATHS` of a raw config absolute, in place.
+
+    ``data.root`` (when set) is relative to the config file's folder ``config_dir``, or to the
+    current folder when it came from ``--set`` (its key is in ``overridden``) or there is no file.
+    A relative data path then joins ``data.root`` if set, else the same base as the root would.
+    A 'hub' or 'chat' data.path that is not a file or folder there stays as given: a hub id.
+    Non-string values are left for the type check to name.
+    """
+    def base(key: str) -> Path:
+        return Path.cwd() if config_dir is None or key in overridden else config_dir
+
+    root = _get(raw, "data.root")
+    if isinstance(root, str) and root:
+        root = os.path.abspath(base("data.root") / Path(root).expanduser())
+        _put(raw, "data.root", root)
+    for key in DATA_PATHS:
+        value = _get(raw, key)
+        if not isinstance(value, str) or not value:
+            continue
+        resolved = (Path(root) if isinstance(root, str) and root else base(key)) / Path(
+            value).expanduser()
+        fmt = _get(raw, "data.format")
+        if key == "data.path" and fmt in MAYBE_HUB_ID and not resolved.exists():
+            continue
+        _put(raw, key, os.path.abspath(resolved))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load, override and validate a run config; raises ConfigError naming the key and value."""
     raw: dict[str, Any] = {}
+    config_dir = None
     if path is not None:
         p = Path(path)
         if not p.is_file():
@@ -172,8 +227,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raw = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(str(p), None, f"is not valid TOML: {e}") from e
+        config_dir = p.resolve().parent
     for assignment in overrides or []:
         apply_override(raw, assignment)
+    resolve_data_paths(raw, config_dir, {a.split("=", 1)[0].strip() for a in overrides or []})
     cfg = _build(RunConfig, raw, "")
     cfg.validate()
     return cfg
