@@ -18,7 +18,7 @@ from fedtune.models import pretrain_cli
 
 EPILOG = """examples:
   fedtune run                                   # the embedded default run, offline
-  fedtune run configs/tiny-fedit.toml --set federation.rounds=5 --out runs/try
+  fedtune run configs/small-fedit.toml --set federation.rounds=5 --out runs/try
   fedtune run --resume runs/try                 # continue an interrupted run
   fedtune eval runs/try                         # Rouge-L and eval loss of a run's model
   fedtune eval runs/try --round 5 --predictions preds.jsonl   # a kept round, per example

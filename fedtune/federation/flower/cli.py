@@ -20,7 +20,7 @@ A run directory that already holds a checkpoint resumes from its last completed 
 
 EPILOG = """\
 examples:
-  fedtune flower local configs/tiny-fedit.toml --set data.num_clients=3 \
+  fedtune flower local configs/small-fedit.toml --set data.num_clients=3 \
       --set federation.clients_per_round=3 --nodes 3 --out runs/fl
   fedtune flower local CONFIG --nodes 3 --tls            # TLS + SuperNode authentication
   fedtune flower local CONFIG --simulation               # Flower's simulation engine
