@@ -48,6 +48,7 @@ from fedtune.report import (
     table_header,
     table_row,
 )
+from fedtune.summary import build_summary
 
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
@@ -348,15 +349,7 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
              else [])
     per_round = cfg.federation.clients_in_round(len(s.clients))
     summary = build_summary(cfg, metrics.rows, len(s.clients), per_round, counters, run_dir,
-                            model_dir, plots, s.device)
-    if s.accountant is not None:
-        dp = cfg.algorithm.dp
-        summary["privacy"] = {"epsilon": metrics.rows[-1].get("epsilon"),
-                              "delta": s.accountant.delta,
-                              "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
-                              "target_epsilon": dp.target_epsilon or None,
-                              "accountant": "dp_accounting RDP, sampling without replacement, "
-                                            "replace-one (client level)"}
+                            model_dir, plots, s.device, s.accountant)
     if model_dir is not None:  # in the configured dtype, with a portable base and a card
         finish_export(model_dir, cfg, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -408,45 +401,6 @@ def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after
         if metrics is not None:
             metrics.close()
         s.server.close()
-
-
-def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, per_round: int,
-                  counters: dict[str, Any], run_dir: Path, model_dir: Path | None,
-                  plots: list[str], device: torch.device) -> dict[str, Any]:
-    base = rows[0] if rows and rows[0]["round"] == 0 else {}
-    final = rows[-1]
-    trained = [r for r in rows if r["round"] > 0]
-    return {
-        "algorithm": cfg.algorithm.name,
-        "rounds": cfg.federation.rounds,
-        "rounds_run": final["round"],
-        "num_clients": num_clients,
-        "clients_per_round": per_round,
-        "base": {"rougeL": base.get("rougeL"), "eval_loss": base.get("eval_loss")},
-        "final": {"rougeL": final.get("rougeL"), "eval_loss": final.get("eval_loss")},
-        "bytes": {
-            "up_per_client_round": sum(r["bytes_up_per_client"] for r in trained)
-            / max(1, len(trained)),
-            "down_per_client_round": sum(r["bytes_down_per_client"] for r in trained)
-            / max(1, len(trained)),
-            "total": counters["cum_bytes_up"] + counters["cum_bytes_down"],
-        },
-        "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
-        "wall_s": counters["wall_s"],
-        "run_dir": str(run_dir),
-        "model_dir": str(model_dir) if model_dir else None,
-        "product": _product(run_dir) if model_dir else None,
-        "plots": plots,
-    }
-
-
-def _product(run_dir: Path) -> str | None:
-    """FedPT's product is the proxy-tuned large model: its manifest (model/ is the tuned small
-    model it steers the large one with)."""
-    from fedtune.algorithms.fedpt.product import manifest_path
-
-    manifest = manifest_path(run_dir)
-    return str(manifest) if manifest is not None else None
 
 
 def resume(run_dir: Path, *, progress: bool = True,
