@@ -1,5 +1,7 @@
 """`pip install .` from a clone: the wheel holds the example configs and the base models, and the
-unpacked wheel (no editable checkout on the path) writes an example and runs it."""
+wheel pip-installed into a fresh venv (no editable checkout on the path; the heavy dependencies
+seen through a path entry to this environment's site-packages, which loads none of its .pth files)
+writes an example and runs it with its own `fedtune` script."""
 
 import os
 import shutil
@@ -43,22 +45,33 @@ def test_the_wheel_ships_the_example_configs(wheel: Path) -> None:
 
 
 def test_the_installed_package_writes_and_runs_an_example(wheel: Path, tmp_path: Path) -> None:
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
+    import site as site_mod
+    import sysconfig
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                              "['purelib'])"], capture_output=True, text=True, check=True)
+    deps = [p for p in site_mod.getsitepackages() if p != sysconfig.get_paths()["stdlib"]]
+    Path(purelib.stdout.strip(), "deps.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps",
+                    "--no-index", "-q", str(wheel)], check=True, timeout=300)
     work = tmp_path / "work"
     work.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
     def fedtune(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=work, env=env,
+        done = subprocess.run([str(venv / "bin" / "fedtune"), *args], cwd=work, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
-    where = subprocess.run([sys.executable, "-c", "import fedtune; print(fedtune.__file__)"],
+    where = subprocess.run([str(py), "-c", "import fedtune; print(fedtune.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, check=True)
-    assert where.stdout.startswith(str(site))  # the wheel's copy, not the checkout
+    assert where.stdout.startswith(purelib.stdout.strip())  # the wheel's copy, not the clone
     listing = fedtune("config", "--example")
     assert all(name.removesuffix(".toml") in listing for name in CONFIGS)
     assert "wrote" in fedtune("config", "--example", "small-fedit")
