@@ -170,7 +170,12 @@ def one_run(sets: list[str], attack: str, attackers: set[int]) -> tuple[dict[str
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg.output.dir = tmp
-        summary = runner.run(cfg, Path(tmp), progress=False, engine=engine)
+        try:
+            summary = runner.run(cfg, Path(tmp), progress=False, engine=engine)
+        except RuntimeError as e:  # the attack stopped the federation: that is the result
+            if "every client failed" not in str(e):
+                raise
+            summary = {"base": {}, "final": {"eval_loss": None}, "stopped": str(e)}
     return summary, box[0]
 
 
@@ -200,7 +205,7 @@ def bench(method: str, model: str, clients: int, rounds: int, fractions: Sequenc
                 s, _ = one_run(base + rule_settings(rule, clip), attack, set(range(n)))
                 loss = s["final"]["eval_loss"]
                 out["attacked"][f"{attack}|{f:g}|{rule}"] = loss
-                print(f"  {method} {rule:>12} {attack:>10} {f:4.0%}: {loss:.4g}",
+                print(f"  {method} {rule:>12} {attack:>10} {f:4.0%}: {_loss(loss)}",
                       file=sys.stderr)
     out["wall_s"] = time.perf_counter() - t0
     return out
@@ -224,7 +229,7 @@ def table(res: dict[str, Any], fractions: Sequence[float], rules: Sequence[str])
 
 
 def _loss(v: float | None) -> str:
-    return "-" if v is None else (f"{v:.4f}" if v < 100 else f"{v:.3g}")
+    return "stopped" if v is None else (f"{v:.4f}" if v < 100 else f"{v:.3g}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -301,3 +301,4 @@ def test_a_target_epsilon_no_round_can_meet_is_refused_naming_the_key(tmp_path, 
 
     assert run_cli(tmp_path / "r", *DP_RUN, "algorithm.dp.target_epsilon=0.01") != 0
     assert "algorithm.dp.target_epsilon" in capsys.readouterr().err
+
