@@ -90,11 +90,15 @@ class Hostile:
         from safetensors.torch import load
 
         from fedtune.algorithms.fedavg.wire import Reply
-        from fedtune.wire import TensorSpec
+        from fedtune.wire import MessageError, TensorSpec
 
         theta = load(down)  # the download is a safetensors payload of the global tensors
         spec = TensorSpec.of(theta)
-        r = Reply.decode(up, spec, expect_round=round_)
+        try:
+            r = Reply.decode(up, spec, expect_round=round_)
+        except MessageError:  # e.g. NaN from training a model an attack broke: the server
+            return up  # refuses it as it would any client's
+
         update = {k: r.tensors[k] - theta[k] for k in theta}
         if not hostile:
             self.honest_norms.append(sum(float(u.double().pow(2).sum())
