@@ -159,29 +159,22 @@ def _serve_security_args(s: argparse.ArgumentParser) -> None:
     a.add_argument("--tls-keyfile", help="the certificate's private key (if not in the certfile)")
     lim = s.add_argument_group("limits per client and in all")
     lim.add_argument("--max-batch", type=int, default=d.max_batch, help="most rows per session")
-    lim.add_argument("--max-sessions", type=int, default=d.max_sessions,
-                     help=f"open sessions in all (default {d.max_sessions})")
-    lim.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client,
-                     help="open sessions per client address (default "
-                     f"{d.max_sessions_per_client})")
-    lim.add_argument("--session-ttl", type=float, default=d.session_ttl_s,
-                     help="seconds after which an idle session is dropped (default "
-                     f"{d.session_ttl_s:g})")
-    lim.add_argument("--max-cache-mb", type=float, default=d.max_cache_mb,
-                     help="KV cache of all sessions together, MiB (0: no cap; default "
-                     f"{d.max_cache_mb:g})")
-    lim.add_argument("--max-response-mb", type=float, default=d.max_response_bytes / 2**20,
-                     help="logits in one reply, MiB: B * k * V * 4 bytes (default "
-                     f"{d.max_response_bytes / 2**20:g})")
-    lim.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
-                     help="seconds a client has to send a whole request (default "
-                     f"{d.request_timeout_s:g})")
-    lim.add_argument("--max-connections", type=int, default=d.max_connections,
-                     help=f"connections served at once (default {d.max_connections})")
-    lim.add_argument("--max-connections-per-client", type=int,
-                     default=d.max_connections_per_client,
-                     help="connections served at once per client address (default "
-                     f"{d.max_connections_per_client})")
+    for flag, kind, default, what in (
+            ("--max-sessions", int, d.max_sessions, "open sessions in all"),
+            ("--max-sessions-per-client", int, d.max_sessions_per_client,
+             "open sessions per client address"),
+            ("--session-ttl", float, d.session_ttl_s,
+             "seconds after which an idle session is dropped"),
+            ("--max-cache-mb", float, d.max_cache_mb,
+             "KV cache of all sessions together, MiB (0: no cap)"),
+            ("--max-response-mb", float, d.max_response_bytes / 2**20,
+             "logits in one reply, MiB: B * k * V * 4 bytes"),
+            ("--request-timeout", float, d.request_timeout_s,
+             "seconds a client has to send a whole request"),
+            ("--max-connections", int, d.max_connections, "connections served at once"),
+            ("--max-connections-per-client", int, d.max_connections_per_client,
+             "connections served at once per client address")):
+        lim.add_argument(flag, type=kind, default=default, help=what + " (default %(default)g)")
 
 
 def _model_source(path: Path, cache_dir: str | None = None) -> str:

@@ -81,12 +81,15 @@ class Accountant:
         # replace-one sensitivity of the sum is 2C, its noise z C: an effective multiplier z / 2
         self._event = dp_accounting.SampledWithoutReplacementDpEvent(
             num_clients, per_round, dp_accounting.GaussianDpEvent(noise_multiplier / 2))
+        self._spent: dict[int, float] = {0: 0.0}  # rounds -> epsilon (0.2 s each to compute)
 
     def epsilon(self, rounds: int) -> float:
-        """epsilon after ``rounds`` rounds at this accountant's delta (0 rounds: 0)."""
-        if rounds <= 0:
-            return 0.0
-        acc = self._dpa.rdp.RdpAccountant(
-            neighboring_relation=self._dpa.NeighboringRelation.REPLACE_ONE)
-        acc.compose(self._event, rounds)
-        return float(acc.get_epsilon(self.delta))
+        """epsilon after ``rounds`` rounds at this accountant's delta (0 rounds: 0); each count
+        is computed once (a run asks for round r's and, to decide whether to stop, r + 1's)."""
+        rounds = max(rounds, 0)
+        if rounds not in self._spent:
+            acc = self._dpa.rdp.RdpAccountant(
+                neighboring_relation=self._dpa.NeighboringRelation.REPLACE_ONE)
+            acc.compose(self._event, rounds)
+            self._spent[rounds] = float(acc.get_epsilon(self.delta))
+        return self._spent[rounds]
