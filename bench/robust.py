@@ -18,7 +18,9 @@ well-formed bytes):
 * ``sign-flip``: the honest update times -5;
 * ``claim``: the sign-flipped update (times -5) claiming 10^9 samples.
 
-Rules: ``mean`` (the papers': sample-weighted), ``clip`` (the mean of updates clipped to twice
+Rules: ``mean`` (the papers': sample-weighted, with fedtune's default checks off: no
+``g_max``, no ``max_change_over_median``), ``default`` (fedtune's defaults: the mean with FedKSeed's
+per-reply check under ``g_max`` and the tensor methods' ``max_change_over_median``), ``clip`` (the mean of updates clipped to twice
 the median norm of the honest updates, measured in the attack-free run), ``trimmed-mean``
 (0.2 each side) and ``median``. A run whose model turns non-finite is impossible here: such a
 round is refused; the table shows the final eval loss (lower is better).
@@ -43,7 +45,7 @@ import torch
 DOLLY = (Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly"
          / "databricks-dolly-15k.jsonl.gz")
 ATTACKS = ("huge", "many-seeds", "scaled", "sign-flip", "claim")
-RULES = ("mean", "clip", "trimmed-mean", "median")
+RULES = ("mean", "default", "clip", "trimmed-mean", "median")
 
 
 class Hostile:
@@ -115,18 +117,22 @@ class Hostile:
         return r.encode()
 
 
-def settings(method: str, model: str, clients: int, rounds: int, quick: bool) -> list[str]:
+def settings(method: str, model: str, clients: int, rounds: int, quick: bool,
+             threads: int = 0) -> list[str]:
     sets = [f"algorithm.name={method}", f"model.path={model}", f"data.num_clients={clients}",
             f"federation.clients_per_round={clients}", f"federation.rounds={rounds}",
             "evaluation.rouge_interval=0", "evaluation.loss_interval=0",
             "evaluation.evaluate_base=true", f"evaluation.max_examples={16 if quick else 48}",
             "evaluation.max_new_tokens=1",  # the table is eval loss; Rouge-L would cost minutes
             "output.plots=false", "output.save_model=false", "output.checkpoint=false",
-            "model.threads=0", "algorithm.fedkseed.g_max=0",  # the rules alone, no per-reply check
+            f"model.threads={threads}",
+            # the rules alone: no per-reply check, no round check against the median size
+            "algorithm.fedkseed.g_max=0", "algorithm.robust.max_change_over_median=0",
             f"algorithm.local_steps={2 if quick else 10}",
             f"algorithm.fedkseed.tau={4 if quick else 10}"]
+    sets += ["data.max_length=128"]
     if model == "small":
-        sets += ["algorithm.fedkseed.lr=2e-4", "data.max_length=128"]
+        sets += ["algorithm.fedkseed.lr=2e-4"]
     if DOLLY.is_file() and not quick:  # English the books models can learn (generated tasks
         # start above ln(vocab), so a destroyed, uniform model would look like progress)
         sets += ["data.format=dolly", f"data.path={dolly_subset()}", "data.partition=iid"]
@@ -151,6 +157,13 @@ def dolly_subset(every: int = 10) -> Path:
 
 
 def rule_settings(rule: str, clip: float) -> list[str]:
+    from fedtune.algorithms.config import RobustConfig
+    from fedtune.algorithms.fedkseed.config import FedKSeedConfig
+
+    if rule == "default":
+        return [f"algorithm.fedkseed.g_max={FedKSeedConfig().g_max:g}",
+                "algorithm.robust.max_change_over_median="
+                f"{RobustConfig().max_change_over_median:g}"]
     if rule == "clip":
         return [f"algorithm.robust.max_update_norm={clip:.6g}"]
     if rule == "mean":
@@ -184,8 +197,9 @@ def one_run(sets: list[str], attack: str, attackers: set[int]) -> tuple[dict[str
 
 
 def bench(method: str, model: str, clients: int, rounds: int, fractions: Sequence[float],
-          attacks: Sequence[str], rules: Sequence[str], quick: bool) -> dict[str, Any]:
-    base = settings(method, model, clients, rounds, quick)
+          attacks: Sequence[str], rules: Sequence[str], quick: bool,
+          threads: int = 0) -> dict[str, Any]:
+    base = settings(method, model, clients, rounds, quick, threads)
     t0 = time.perf_counter()
     clean, dev = one_run(base, "none", set())
     clip = 2 * statistics.median(dev.honest_norms)
@@ -246,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    p.add_argument("--threads", type=int, default=0,
+                   help="model.threads of every run (0: the free cores, measured per run)")
     p.add_argument("--quick", action="store_true", help="tiny settings, a smoke test")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     a = p.parse_args(argv)
@@ -258,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for method in a.method:
         res = bench(method, a.model, a.clients, a.rounds, a.fractions, a.attacks, a.rules,
-                    a.quick)
+                    a.quick, a.threads)
         results.append(res)
         print(table(res, a.fractions, a.rules) + f"\n\n({res['wall_s']:.0f} s)\n")
     save_results(a.json, results)

@@ -13,9 +13,12 @@ from fedtune.algorithms.aggregate import (
     Rules,
     clip_l2,
     coordinate_median,
+    lower_median,
+    outlier_refusal,
     refusal,
     trimmed_mean,
 )
+from fedtune.algorithms import MethodContext
 from fedtune.algorithms.config import AlgorithmConfig
 from fedtune.algorithms.fedavg.server import FedAvgServer
 from fedtune.algorithms.fedavg.wire import Reply as FedAvgReply
@@ -59,6 +62,17 @@ def test_refusal_names_the_move_and_non_finite():
     assert "5 (L2), more than the bound 4" in refusal({"g": torch.tensor([3.0, 4.0])}, 4.0)
     assert refusal({"g": torch.tensor([math.nan])}, 0.0) == "the aggregate is not finite"
     assert refusal({"g": torch.tensor([1e30])}, 0.0) is None  # no bound configured
+
+
+def test_outlier_refusal_against_the_lower_median_by_hand():
+    assert lower_median([3.0, 1.0, 2.0]) == 2.0
+    assert lower_median([1.0, 1e30]) == 1.0  # of two, the smaller: one outlier cannot raise it
+    assert outlier_refusal(20.0, [1.0, 2.0, 1e6], 10.0) is None  # 20 <= 10 x 2
+    assert outlier_refusal(20.1, [1.0, 2.0, 1e6], 10.0) == (
+        "it would move the global state by 20.1 (L2), more than 10 x 2, the median L2 size of "
+        "its 3 updates")
+    assert outlier_refusal(1e9, [1.0], 0.0) is None  # off
+    assert outlier_refusal(1e9, [], 10.0) is None  # nothing seen (a secure mean)
 
 
 def test_aggregator_rules_by_hand():
@@ -178,6 +192,64 @@ def test_scaled_and_billion_sample_fedavg_replies_are_bounded(rules):
         server.end_round()
         move = float((server.theta["w"] - old).norm())
         assert torch.isfinite(server.theta["w"]).all() and move <= 1.0
+
+
+def test_the_default_refuses_a_round_one_huge_reply_would_poison_and_keeps_the_mean_exact():
+    """The papers' mean with the default ``max_change_over_median``: a reply of 1e6 on every
+    value (and 10^9 samples) is refused with its round; honest rounds commit the plain mean,
+    bit for bit what the mean without the check gives."""
+    rules = MethodContext(AlgorithmConfig(name="fedit"), 0).rules()
+    assert rules.plain and rules.watches_sizes
+    theta = {"w": torch.linspace(-1, 1, 6)}
+    watched, unwatched = (FedAvgServer("fedit", theta, rules=r)
+                          for r in (rules, Rules()))
+    honest = [{"w": theta["w"] + 0.01 * (i + 1)} for i in range(3)]
+    for server in (watched, unwatched):
+        server.begin_round(1)
+        for h in honest:
+            server.accept(FedAvgReply(1, 4, 1.0, h).encode())
+        server.end_round()
+    assert torch.equal(watched.theta["w"], unwatched.theta["w"])
+    assert watched.theta["w"][0].item() == pytest.approx(-1 + 0.02)
+    before = watched.theta["w"].clone()
+    watched.begin_round(2)
+    for h in honest[:2]:
+        watched.accept(FedAvgReply(2, 4, 1.0, {"w": before + 0.01}).encode())
+    watched.accept(FedAvgReply(2, 10**9, 1.0, {"w": before + 1e6}).encode())
+    watched.end_round()
+    assert torch.equal(watched.theta["w"], before)  # refused whole
+    watched.begin_round(3)
+    for h in honest[:2]:
+        watched.accept(FedAvgReply(3, 4, 1.0, {"w": before + 0.01}).encode())
+    watched.end_round()
+    assert watched.theta["w"].tolist() == pytest.approx((before + 0.01).tolist())
+
+
+def test_one_huge_fedit_client_cannot_stop_the_federation():
+    """FedIT on the tiny model, default config: a client adding 1e6 to every adapter value
+    each round. Under the plain mean its first round made every later honest update
+    non-finite (all refused: the federation learned nothing more); now its rounds are refused,
+    the adapters stay finite and honest rounds keep committing."""
+    cfg = AlgorithmConfig(name="fedit")
+    cfg.local_steps = 2
+    cfg.validate()
+    server, device, model = build(cfg, tiny_model())
+    start = {k: v.clone() for k, v in server.theta.items()}
+    for round_ in (1, 2):
+        server.begin_round(round_)
+        for cid in (0, 1, 2):
+            up = device.round(model, server.download(round_, cid), examples(cid), round_,
+                              100 + cid)
+            if cid == 2:
+                r = FedAvgReply.decode(up, server.spec, expect_round=round_)
+                up = FedAvgReply(round_, r.num_samples, r.train_loss,
+                                 {k: t + 1e6 for k, t in r.tensors.items()}).encode()
+            server.accept(up)
+        server.end_round()
+        assert all(torch.equal(server.theta[k], start[k]) for k in start)
+    play_round(server, device, model, 3, [0, 1, 2])  # honest: commits
+    assert all(bool(torch.isfinite(v).all()) for v in server.theta.values())
+    assert any(not torch.equal(server.theta[k], start[k]) for k in start)
 
 
 def test_fedavg_max_round_change_refuses_the_round_whole():

@@ -190,6 +190,29 @@ def refusal(update: Mapping[str, torch.Tensor], bound: float) -> str | None:
     return None
 
 
+def lower_median(values: Sequence[float]) -> float:
+    """The lower middle of ``values`` (of two, the smaller): a value one outlier cannot raise."""
+    if not values:
+        raise ValueError("no values")
+    return sorted(values)[(len(values) - 1) // 2]
+
+
+def outlier_refusal(change: float, norms: Sequence[float], factor: float) -> str | None:
+    """Why a round whose aggregate moves the state by ``change`` (L2) must not commit when its
+    replies' own updates have L2 norms ``norms`` (None: it may): the move is longer than
+    ``factor`` times their lower median. A mean of honest updates is no longer than the longest
+    of them, and honest updates of one round are of one size; one reply of a far larger size
+    (1e6 on every value) makes the mean long, and the lower median of the sizes ignores it.
+    ``factor`` 0 or no norms: no check."""
+    if factor <= 0 or not norms:
+        return None
+    bound = factor * lower_median(norms)
+    if change > bound * (1 + 1e-9):
+        return (f"it would move the global state by {change:.4g} (L2), more than {factor:g} x "
+                f"{bound / factor:.4g}, the median L2 size of its {len(norms)} updates")
+    return None
+
+
 @dataclass(frozen=True)
 class Rules:
     """How a server turns one round's replies into its next state: the weights of the mean,
@@ -204,6 +227,14 @@ class Rules:
     noise_std: float = 0.0  # 0: no noise
     noise_seed: int = 0
     max_change: float = 0.0  # 0: no bound
+    outlier_factor: float = 0.0  # 0: no check against the replies' median size
+
+    @property
+    def watches_sizes(self) -> bool:
+        """Whether the round's move is checked against the median size of its updates: only
+        for a mean without a clip (a clip bounds every update already; the per-coordinate
+        rules ignore a minority by construction)."""
+        return self.outlier_factor > 0 and self.aggregation == "mean" and self.clip == 0
 
     @property
     def plain(self) -> bool:

@@ -58,7 +58,8 @@ class MethodContext:
                              c.dp.clip_norm if c.dp.enabled else 0.0) if b > 0]
         return Rules(c.weighting, c.max_sample_weight, c.robust.aggregation,
                      c.robust.trim_fraction, min(clips, default=0.0), c.dp.noise_std(),
-                     c.dp.noise_seed, c.robust.max_round_change)
+                     c.dp.noise_seed, c.robust.max_round_change,
+                     c.robust.max_change_over_median)
 
 
 @dataclass(frozen=True)

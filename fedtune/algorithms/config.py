@@ -62,9 +62,21 @@ class RobustConfig:
              "accumulators, whose model moves by about lr * sqrt(params) times it; the others: "
              "the change of the trainable tensors). 0: no bound. A non-finite round is always "
              "refused.")
+    max_change_over_median: float = option(
+        10.0, "The tensor methods (FedAvg, FedIT, FedMeZO, FedZO, the prompt methods, FedPT's "
+              "devices), under the mean without a clip: refuse a round whole (logged; the "
+              "previous global state kept) if it would move the trainable tensors by more than "
+              "this many times the median L2 size of the round's own updates. Honest updates of "
+              "one round are of one size and their mean is no longer than the longest, so this "
+              "costs an honest run nothing and stops one client from poisoning the adapters "
+              "(a reply with 1e6 on every value) so that every later round fails. 0: off. "
+              "FedKSeed is bounded by algorithm.fedkseed.g_max instead.")
 
     def validate(self, prefix: str) -> None:
         check_choices(self, prefix)
+        check(self.max_change_over_median == 0 or self.max_change_over_median >= 1,
+              f"{prefix}.max_change_over_median", self.max_change_over_median,
+              "must be 0 (off) or >= 1 (an honest mean can be as long as its longest update)")
         check(0 <= self.trim_fraction < 0.5, f"{prefix}.trim_fraction", self.trim_fraction,
               "must be in [0, 0.5)")
         check(self.max_update_norm >= 0, f"{prefix}.max_update_norm", self.max_update_norm,

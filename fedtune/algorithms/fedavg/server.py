@@ -15,6 +15,12 @@ u_i = theta_i - theta (or d_i), each clipped to L2 norm C, combined by the confi
 noised), theta <- theta + U; a U that is not finite or longer than ``max_round_change`` is
 refused whole and theta kept.
 
+Under the mean without a clip (the papers' rule by default) the server also notes each
+reply's own update size ||theta_i - theta|| (or ||d_i||) and refuses a round whose move is
+longer than ``max_change_over_median`` times their lower median: the papers' arithmetic is
+unchanged, but one reply of 1e6 on every value can no longer poison the global tensors so that
+every later round fails.
+
 With secure aggregation (Flower engine) the server receives only the round's weighted mean of
 the updates u_i (trained tensors minus the download; :func:`update_of`) and folds theta + mean
 as the one entry of the round, which is the same theta as the mean of the trained tensors.
@@ -23,13 +29,14 @@ as the one entry of the round, which is the same theta as the mean of the traine
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from fedtune.algorithms.aggregate import Aggregator, Rules, refusal
+from fedtune.algorithms.aggregate import Aggregator, Rules, l2_norm, outlier_refusal, refusal
 from fedtune.algorithms.base import AcceptMean, Evaluate, MethodContext, ReplyInfo, SeedSteps
 from fedtune.algorithms.fedavg.wire import Download, Reply
 from fedtune.algorithms.params import load_into, trainable
@@ -79,6 +86,7 @@ class FedAvgServer:
         self.updates = delta or not rules.plain  # aggregate changes, not trained tensors
         self.round = 0
         self._agg: Aggregator | None = None
+        self._sizes: list[float] = []  # this round's update norms (rules.watches_sizes)
         self.set_global = self._set_global
         self.accept_mean: AcceptMean | None = self._accept_mean
 
@@ -88,6 +96,7 @@ class FedAvgServer:
     def begin_round(self, round_: int) -> None:
         self.round = round_
         self._agg = self.rules.aggregator(round_)
+        self._sizes = []
 
     def accept(self, payload: bytes) -> ReplyInfo:
         """Validate (raises MessageError) before anything touches the aggregate."""
@@ -99,6 +108,8 @@ class FedAvgServer:
             tensors = {k: t.double() - self.theta[k].double() for k, t in tensors.items()}
             if not all(bool(torch.isfinite(t).all()) for t in tensors.values()):
                 raise MessageError("the reply's change to the global tensors is not finite")
+        if self.rules.watches_sizes:
+            self._sizes.append(l2_norm(tensors) if self.updates else self._distance(tensors))
         self._agg.add(tensors, self.rules.weight(reply.num_samples))
         return ReplyInfo(reply.num_samples, reply.train_loss)
 
@@ -137,6 +148,9 @@ class FedAvgServer:
         """Make the round's aggregate (an update, or the mean of the trained tensors) the new
         theta, unless it is not finite or moves theta past the bound: then refuse it whole."""
         reason = refusal(agg, self.rules.max_change) if self.updates else None
+        if reason is None and self._sizes:
+            move = l2_norm(agg) if self.updates else self._distance(agg)
+            reason = outlier_refusal(move, self._sizes, self.rules.outlier_factor)
         new = ({k: (v.double() + agg[k]).to(v.dtype) for k, v in self.theta.items()}
                if self.updates else {k: v.to(self.theta[k].dtype) for k, v in agg.items()})
         if reason is None and not all(bool(torch.isfinite(v).all()) for v in new.values()):
@@ -146,6 +160,11 @@ class FedAvgServer:
                       self.round, reason)
             return
         self.theta = new
+
+    def _distance(self, tensors: Mapping[str, torch.Tensor]) -> float:
+        """||tensors - theta|| (L2, float64), one tensor at a time."""
+        return math.sqrt(sum(float((t.double() - self.theta[k].double()).pow(2).sum())
+                             for k, t in tensors.items()))
 
     def _set_global(self, model: torch.nn.Module) -> None:
         self.theta = {n: p.detach().to("cpu").clone() for n, p in trainable(model).items()}
