@@ -19,11 +19,12 @@ well-formed bytes):
 * ``claim``: the sign-flipped update (times -5) claiming 10^9 samples.
 
 Rules: ``mean`` (the papers': sample-weighted, with fedtune's default checks off: no
-``g_max``, no ``max_change_over_median``), ``default`` (fedtune's defaults: the mean with FedKSeed's
-per-reply check under ``g_max`` and the tensor methods' ``max_change_over_median``), ``clip`` (the mean of updates clipped to twice
-the median norm of the honest updates, measured in the attack-free run), ``trimmed-mean``
-(0.2 each side) and ``median``. A run whose model turns non-finite is impossible here: such a
-round is refused; the table shows the final eval loss (lower is better).
+``g_max``, no ``max_change_over_median``), ``default`` (fedtune's defaults: the mean with
+FedKSeed's per-reply check under ``g_max`` and the tensor methods' ``max_change_over_median``),
+``clip`` (the mean of updates clipped to twice the median norm of the honest updates, measured
+in the attack-free run), ``trimmed-mean`` (0.2 each side) and ``median``. A run whose model
+turns non-finite is impossible here: such a round is refused; the table shows the final eval
+loss (lower is better).
 """
 
 from __future__ import annotations

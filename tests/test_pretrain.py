@@ -196,3 +196,60 @@ def test_small_and_large_name_the_embedded_models_unless_a_directory_exists(
     assert resolve_model_source("small") == "small"  # a local directory of that name wins
     with pytest.raises(ValueError, match="unknown base model"):
         base_model_path("medium")
+
+
+@pytest.fixture(scope="module")
+def small_service():
+    """fedtune's small base model behind `fedtune serve-logits`, with its token."""
+    from fedtune.logits.service import spawn_service
+
+    svc = spawn_service(str(base_model_path("small")), max_batch=8, threads=1)
+    try:
+        yield svc
+    finally:
+        svc.stop()  # by its pid
+
+
+def test_distilling_from_a_black_box_teacher_lowers_the_kl(tmp_path: Path, small_service,
+                                                            monkeypatch) -> None:
+    """The FedPT way of building a small partner: the teacher's tokenizer, the teacher reached
+    at its URL with its token (logits only), tied embeddings. The KL to the teacher on the
+    held-out blocks falls, and the card says where the model came from."""
+    monkeypatch.setenv("FEDTUNE_LOGITS_TOKEN", small_service.token)
+    corpus = _write_corpus(tmp_path)
+    cfg = _cfg(corpus, tmp_path / "partner", tokenizer="small", teacher=small_service.url,
+               teacher_weight=1.0, teacher_temperature=1.0, tie_embeddings=True, steps=12,
+               val_every=6, lr=1e-2)
+    res = pretrain(cfg, command="fedtune pretrain partner", progress=False)
+    kls = [h["val_kl"] for h in res.history]
+    assert [h["step"] for h in res.history] == [0, 6, 12]
+    assert kls[-1] < 0.8 * kls[0], kls
+    saved = load_file(tmp_path / "partner" / "model.safetensors")
+    assert "lm_head.weight" not in saved  # tied: one matrix
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "partner")
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ours = AutoTokenizer.from_pretrained(tmp_path / "partner")
+    theirs = AutoTokenizer.from_pretrained(base_model_path("small"))
+    assert ours.get_vocab() == theirs.get_vocab()
+    card = (tmp_path / "partner" / "README.md").read_text()
+    assert "distilled from" in card and "its weights were never read" in card
+    assert f"{kls[0]:.3f} -> {kls[-1]:.3f}" in card and "tied embeddings" in card
+
+    monkeypatch.setenv("FEDTUNE_LOGITS_TOKEN", "wrong")
+    from fedtune.logits import LogitsServiceError
+
+    with pytest.raises(LogitsServiceError):  # the service wants its own token
+        pretrain(_cfg(corpus, tmp_path / "p2", tokenizer="small", teacher=small_service.url),
+                 progress=False)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tmp_path: Path, small_service,
+                                                     monkeypatch) -> None:
+    monkeypatch.setenv("FEDTUNE_LOGITS_TOKEN", small_service.token)
+    corpus = _write_corpus(tmp_path)
+    own = pretrain(_cfg(corpus, tmp_path / "own", steps=1), progress=False)  # its own BPE
+    with pytest.raises(ConfigError, match="teacher.*does not share the tokenizer"):
+        pretrain(_cfg(corpus, tmp_path / "p", tokenizer=str(own.out_dir),
+                      teacher=small_service.url), progress=False)
+    with pytest.raises(ConfigError, match="tokenizer"):  # a teacher needs a tokenizer named
+        pretrain(_cfg(corpus, tmp_path / "q", teacher=small_service.url), progress=False)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import build, examples, play_round, tiny_model
 
+from fedtune.algorithms import MethodContext
 from fedtune.algorithms.aggregate import (
     Aggregator,
     Rules,
@@ -18,7 +19,6 @@ from fedtune.algorithms.aggregate import (
     refusal,
     trimmed_mean,
 )
-from fedtune.algorithms import MethodContext
 from fedtune.algorithms.config import AlgorithmConfig
 from fedtune.algorithms.fedavg.server import FedAvgServer
 from fedtune.algorithms.fedavg.wire import Reply as FedAvgReply
@@ -213,13 +213,13 @@ def test_the_default_refuses_a_round_one_huge_reply_would_poison_and_keeps_the_m
     assert watched.theta["w"][0].item() == pytest.approx(-1 + 0.02)
     before = watched.theta["w"].clone()
     watched.begin_round(2)
-    for h in honest[:2]:
+    for _ in range(2):
         watched.accept(FedAvgReply(2, 4, 1.0, {"w": before + 0.01}).encode())
     watched.accept(FedAvgReply(2, 10**9, 1.0, {"w": before + 1e6}).encode())
     watched.end_round()
     assert torch.equal(watched.theta["w"], before)  # refused whole
     watched.begin_round(3)
-    for h in honest[:2]:
+    for _ in range(2):
         watched.accept(FedAvgReply(3, 4, 1.0, {"w": before + 0.01}).encode())
     watched.end_round()
     assert watched.theta["w"].tolist() == pytest.approx((before + 0.01).tolist())

@@ -90,3 +90,18 @@ def check_shared_tokenizer(infos: dict[str, SourceInfo]) -> int:
             raise TokenizerMismatch(f"{role} returns {i.logits_width} logits for a vocabulary of "
                                     f"{vocab} tokens")
     return vocab
+
+
+def forced_logits(source: LogitsSource, rows: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) logits of ``source`` at every position of the (B, L) token ``rows`` (teacher
+    forcing): position j holds its prediction of token j + 1. One session: the first column
+    starts it, the rest extends it (:meth:`LogitsSource.extend` splits what a reply cap needs)."""
+    ids = rows.tolist()
+    session, first = source.start([r[:1] for r in ids])
+    try:
+        if rows.size(1) == 1:
+            return first[:, None, :]
+        rest = source.extend(session, [r[1:] for r in ids])
+        return torch.cat([first[:, None, :], rest], dim=1)
+    finally:
+        source.close(session)

@@ -7,13 +7,17 @@ live in :mod:`.pretrain_data`):
    line, named by its ``file``/``id``/``name``/``title`` field or ``<file>:<line>``) and ``.txt``
    files (one document per file), given as files or folders;
 2. hold out whole documents for validation: by name, or a seeded random choice of a count;
-3. train the tokenizer on the training documents (or reuse a tokenizer directory, so a family of
+3. train the tokenizer on the training documents (or reuse a model's tokenizer, so a family of
    models shares one vocabulary) and save it to the output directory at once;
 4. tokenise every document into one stream, an EOS token between documents;
 5. train: random contiguous blocks of ``block_size + 1`` tokens drawn by a seeded generator,
    AdamW with linear warmup and cosine decay, fp32, gradient clipping, a tqdm bar with the loss;
    every ``val_every`` steps the loss on fixed held-out blocks; every ``checkpoint_every`` steps
    and at the end an atomic checkpoint (model, optimizer, step, data RNG state, tokens seen);
+   with a ``teacher`` (a model behind ``fedtune serve-logits``, reached only through its logits:
+   FedPT's way of building a small partner for a black-box large model) the loss is
+   (1 - w) CE + w T^2 KL(softmax(teacher / T) || softmax(student / T)) at every position, and
+   validation also reports that KL on the held-out blocks;
 6. save: float16 safetensors (``config.json`` says float32, so ``from_pretrained`` gives fp32),
    the tokenizer, ``training.json`` and a ``README.md`` model card.
 
@@ -30,6 +34,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ from transformers import (
 )
 
 from fedtune.configbase import ConfigError, check, option
+from fedtune.models.loading import resolve_model_source
 from fedtune.models.pretrain_data import (
     load_corpus,
     split_documents,
@@ -67,12 +74,23 @@ class PretrainConfig:
     corpus: str = option("", "Corpus: a .jsonl/.jsonl.gz file (one document per line, a 'text' "
                          "field), a .txt file (one document), or a folder of such files.")
     out_dir: str = option("", "Output model directory (tokenizer, fp16 weights, model card).")
-    tokenizer: str = option("", "Existing tokenizer directory to reuse (models then share one "
-                            "vocabulary). Empty: train a byte-level BPE tokenizer on the "
-                            "training documents.")
+    tokenizer: str = option("", "Reuse this model's tokenizer (a directory, a built-in name such "
+                            "as smollm2-135m, or a hub id; models then share one vocabulary). "
+                            "Empty: train a byte-level BPE tokenizer on the training documents.")
     vocab_size: int = option(4096, "Vocabulary size of a newly trained tokenizer (special tokens "
                              "included).")
     text_field: str = option("text", "JSONL field holding a document's text.")
+    tie_embeddings: bool = option(False, "Share the input embedding and the output head (halves "
+                                  "what a large vocabulary costs; SmolLM2 ties them).")
+    teacher: str = option(
+        "", "Distil from this model's logits while pre-training: the URL of a running `fedtune "
+            "serve-logits` (its token from FEDTUNE_LOGITS_TOKEN / FEDTUNE_LOGITS_TOKEN_FILE), or "
+            "a model (directory, built-in name, hub id) that this command serves from a child "
+            "process with a fresh token; its weights never enter this process. It must share "
+            "the tokenizer (checked). Empty: plain language-model pre-training.")
+    teacher_weight: float = option(
+        0.5, "w in (1 - w) CE + w T^2 KL(teacher || student) (1: the teacher's logits only).")
+    teacher_temperature: float = option(2.0, "T of the distillation term.")
     hidden_size: int = option(128, "Hidden size.")
     num_layers: int = option(4, "Number of decoder layers.")
     num_heads: int = option(4, "Attention heads (must divide hidden_size, even head size).")
@@ -115,6 +133,12 @@ class PretrainConfig:
         check(self.vocab_size < 2**16 or bool(self.tokenizer), "vocab_size", self.vocab_size,
               "must be < 65536")
         check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(not self.teacher or bool(self.tokenizer), "tokenizer", self.tokenizer,
+              "a teacher needs its own tokenizer here (--tokenizer, e.g. the teacher's name)")
+        check(0 <= self.teacher_weight <= 1, "teacher_weight", self.teacher_weight,
+              "must be in [0, 1]")
+        check(self.teacher_temperature > 0, "teacher_temperature", self.teacher_temperature,
+              "must be > 0")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
@@ -150,20 +174,77 @@ def lm_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
 
+def kd_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor,
+            weight: float, temperature: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1 - w) CE(student, y) + w T^2 KL(softmax(teacher / T) || softmax(student / T)) over every
+    position, then the CE and the KL at T = 1 (both detached, for the log). ``teacher``: (B, L, V')
+    logits of the same positions; the shared width min(V, V') is compared (a model may pad its
+    head)."""
+    from fedtune.algorithms.fedpt.distill import kl_to_teacher
+
+    logits = model(input_ids=x).logits
+    width = min(logits.size(-1), teacher.size(-1))
+    s = logits[..., :width].reshape(-1, width)
+    t = teacher[..., :width].reshape(-1, width).to(s.dtype)
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    kl = kl_to_teacher(t, s, temperature)
+    with torch.no_grad():
+        kl1 = kl if temperature == 1 else kl_to_teacher(t, s.detach(), 1.0)
+    return (1 - weight) * ce + weight * kl, ce.detach(), kl1.detach()
+
+
 @torch.no_grad()
 def validation_loss(model: LlamaForCausalLM, val_tokens: torch.Tensor, starts: list[int],
-                    block_size: int, batch_size: int) -> float:
-    """Mean next-token loss (nats) over the fixed held-out blocks."""
+                    block_size: int, batch_size: int,
+                    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    ) -> tuple[float, float | None]:
+    """Mean next-token loss (nats) over the fixed held-out blocks, and with a ``teacher`` (a
+    function of the input ids giving its logits) the mean KL(teacher || model) at T = 1."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, kl_total, count = 0.0, 0.0, 0
     for i in range(0, len(starts), batch_size):
         chunk = torch.tensor(starts[i:i + batch_size])
         x, y = get_batch(val_tokens, chunk, block_size)
-        total += lm_loss(model, x, y).item() * len(chunk)
+        if teacher is None:
+            total += lm_loss(model, x, y).item() * len(chunk)
+        else:
+            _, ce, kl = kd_loss(model, x, y, teacher(x), 0.0, 1.0)
+            total += ce.item() * len(chunk)
+            kl_total += kl.item() * len(chunk)
         count += len(chunk)
     model.train(was_training)
-    return total / count
+    return total / count, (kl_total / count if teacher is not None else None)
+
+
+@contextmanager
+def open_teacher(spec: str, tokenizer: PreTrainedTokenizerBase
+                 ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """The teacher's logits as a function of (B, L) input ids, reached only through `fedtune
+    serve-logits`: at ``spec`` if it is a URL, else a child process serving the model ``spec``
+    (stopped on exit). Its tokenizer must be ``tokenizer``'s, token for token."""
+    from fedtune.logits.remote import remote_from_env
+    from fedtune.logits.service import spawn_service
+    from fedtune.logits.source import forced_logits, tokenizer_hash
+
+    service = None
+    if spec.startswith(("http://", "https://")):
+        source: Any = remote_from_env(spec)
+    else:
+        service = spawn_service(spec)
+        source = service.client()
+    try:
+        info = source.info()
+        if info.tokenizer_hash != tokenizer_hash(tokenizer):
+            raise ConfigError("teacher", spec, "does not share the tokenizer being trained with "
+                              "(distillation compares logits token by token)")
+        logger.info("teacher %s: vocabulary %d, logits width %d", spec, info.vocab_size,
+                    info.logits_width)
+        yield lambda x: forced_logits(source, x)
+    finally:
+        if service is not None:
+            service.stop()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.AdamW:
@@ -185,7 +266,8 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 # Keys of the config that must not change when a run is resumed.
-_RESUME_KEYS = ("corpus", "tokenizer", "vocab_size", "text_field", "hidden_size", "num_layers",
+_RESUME_KEYS = ("corpus", "tokenizer", "vocab_size", "text_field", "tie_embeddings",
+                "teacher_weight", "teacher_temperature", "hidden_size", "num_layers",
                 "num_heads", "block_size", "batch_size", "steps", "lr", "min_lr_ratio",
                 "warmup_steps", "weight_decay", "grad_clip", "val_docs", "val_count", "seed")
 
@@ -218,13 +300,14 @@ def pretrain(cfg: PretrainConfig, *, command: str = "", progress: bool = True,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _pretrain(cfg, command, progress, stop_after)
+        with ExitStack() as stack:  # holds the teacher service, if any, until the end
+            return _pretrain(cfg, command, progress, stop_after, stack)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int | None
-              ) -> PretrainResult:
+def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int | None,
+              stack: ExitStack) -> PretrainResult:
     t_start = time.time()
     out = Path(cfg.out_dir)
     ckpt_path = Path(cfg.checkpoint_dir or out / "checkpoint") / CHECKPOINT_FILE
@@ -252,7 +335,7 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
     # 3. tokenizer: reused, resumed (saved in out_dir at the start), or trained now
     out.mkdir(parents=True, exist_ok=True)
     if cfg.tokenizer or state is not None:
-        tok_dir = cfg.tokenizer or str(out)
+        tok_dir = resolve_model_source(cfg.tokenizer) if cfg.tokenizer else str(out)
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         for key in ("is_local", "local_files_only"):  # loading details, not tokenizer settings
             tokenizer.init_kwargs.pop(key, None)
@@ -264,6 +347,7 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
                     time.time() - t0)
     tokenizer.model_max_length = cfg.block_size
     tokenizer.save_pretrained(out)
+    teacher = stack.enter_context(open_teacher(cfg.teacher, tokenizer)) if cfg.teacher else None
 
     # 4. token streams
     t0 = time.time()
@@ -281,7 +365,7 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
         len(tokenizer), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
         num_heads=cfg.num_heads, max_positions=cfg.block_size,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, tie_embeddings=cfg.tie_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -311,8 +395,10 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
         })
 
     def validate_now() -> float:
-        loss = validation_loss(model, val_tokens, val_starts, cfg.block_size, cfg.batch_size)
-        history.append({"step": step, "tokens_seen": tokens_seen, "val_loss": loss})
+        loss, kl = validation_loss(model, val_tokens, val_starts, cfg.block_size,
+                                   cfg.batch_size, teacher)
+        history.append({"step": step, "tokens_seen": tokens_seen, "val_loss": loss}
+                       | ({} if kl is None else {"val_kl": kl}))
         return loss
 
     if step == 0 and not history:
@@ -328,7 +414,11 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
             group["lr"] = lr
         starts = torch.randint(0, n_starts, (cfg.batch_size,), generator=gen)
         x, y = get_batch(train_tokens, starts, cfg.block_size)
-        loss = lm_loss(model, x, y)
+        if teacher is None:
+            loss = lm_loss(model, x, y)
+        else:
+            loss, _, kl = kd_loss(model, x, y, teacher(x), cfg.teacher_weight,
+                                  cfg.teacher_temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -338,7 +428,8 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
         tokens_seen += x.numel()
         train_loss = loss.item()
         bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.2e}",
+                        **({} if teacher is None else {"kl": f"{kl.item():.3f}"}))
         if cfg.val_every and step % cfg.val_every == 0 and step < cfg.steps:
             val = validate_now()
             bar.write(f"step {step}: train loss {train_loss:.4f}, validation loss {val:.4f}")
@@ -368,7 +459,9 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
         "validation_blocks": len(val_starts), "steps": step, "tokens_seen": tokens_seen,
         "val_loss": round(val, 4), "parameters": n_params, "wall_s": round(wall, 1),
         "seed": cfg.seed, "command": command, "config": dataclasses.asdict(cfg),
-        "history": [{k: (round(v, 4) if k == "val_loss" else v) for k, v in h.items()}
+        "special_tokens": {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id,
+                           "eos": tokenizer.eos_token_id},
+        "history": [{k: (round(v, 4) if k.startswith("val_") else v) for k, v in h.items()}
                     for h in history],
     }
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -384,6 +477,8 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out:
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     state = {k: v.detach().to(torch.float16) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:  # one matrix; the head is tied to it again on load
+        state.pop("lm_head.weight", None)
     model.save_pretrained(out, state_dict=state)
     cfg_path = out / "config.json"
     config = json.loads(cfg_path.read_text())
@@ -409,8 +504,12 @@ def model_card(s: dict[str, Any], vocab: int) -> str:
         ("parameters", f"{s['parameters']:,}"),
         ("architecture", f"Llama: hidden {c['hidden_size']}, {c['num_layers']} layers, "
                          f"{c['num_heads']} heads, MLP {4 * c['hidden_size']}, context "
-                         f"{c['block_size']}, untied embeddings"),
-        ("tokenizer", f"byte-level BPE, {vocab} tokens; `<pad>` 0, `<s>` 1, `</s>` 2 (between "
+                         f"{c['block_size']}, "
+                         f"{'tied' if c.get('tie_embeddings') else 'untied'} embeddings"),
+        ("tokenizer", (f"reused from `{c['tokenizer']}`: {vocab} tokens; ids "
+                       + ", ".join(f"{k} {v}" for k, v in s.get("special_tokens", {}).items())
+                       + " (EOS between documents)") if c.get("tokenizer") else
+                      f"byte-level BPE, {vocab} tokens; `<pad>` 0, `<s>` 1, `</s>` 2 (between "
                       "documents), `<unk>` 3; encoding adds no special tokens"),
         ("optimizer", f"AdamW (0.9, 0.95), peak lr {c['lr']}, {c['warmup_steps']} warmup "
                       f"steps, cosine to {c['min_lr_ratio']} x peak, weight decay "
@@ -418,11 +517,20 @@ def model_card(s: dict[str, Any], vocab: int) -> str:
         ("seed", str(s["seed"])),
         ("wall time", f"{s['wall_s']:.0f} s"),
     ]
+    if c.get("teacher"):
+        kl = [h["val_kl"] for h in s["history"] if "val_kl" in h]
+        rows.insert(5, ("distilled from", (
+            f"`{c['teacher']}`, through its logits only (`fedtune serve-logits`; its weights "
+            f"were never read): loss (1 - w) CE + w T^2 KL(teacher || student), w "
+            f"{c['teacher_weight']}, T {c['teacher_temperature']}"
+            + (f"; KL to the teacher on the held-out blocks {kl[0]:.3f} -> {kl[-1]:.3f}"
+               if kl else ""))))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     curve = ", ".join(f"step {h['step']} {h['val_loss']:.3f}" for h in s["history"])
+    how = " with distillation from a black-box teacher" if c.get("teacher") else ""
     return f"""# fedtune base model ({c['hidden_size']} hidden, {c['num_layers']} layers)
 
-A Llama-style causal LM pre-trained from scratch by `fedtune pretrain` (fp32 training; weights
+A Llama-style causal LM pre-trained from scratch by `fedtune pretrain`{how} (fp32 training; weights
 stored as float16 safetensors, loaded as float32). Loads offline as it is:
 
 ```python

@@ -65,9 +65,24 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     size.add_argument("--layers", type=int, help="decoder layers (overrides --size)")
     size.add_argument("--heads", type=int, help="attention heads (overrides --size)")
     tok = p.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer", metavar="DIR", default="",
-                     help="reuse this tokenizer directory (e.g. a smaller model of the family) "
-                     "instead of training one")
+    tok.add_argument("--tokenizer", metavar="MODEL", default="",
+                     help="reuse this model's tokenizer (a directory, e.g. a smaller model of "
+                     "the family, or a built-in name such as smollm2-135m) instead of training "
+                     "one")
+    size.add_argument("--tie-embeddings", action="store_true",
+                      help="share the input embedding and the output head (halves what a "
+                      "large vocabulary costs)")
+    kd = p.add_argument_group(
+        "distillation from a black-box teacher (FedPT's small partner: the teacher's logits, "
+        "never its weights)")
+    kd.add_argument("--teacher", metavar="URL|MODEL", default="",
+                    help="a running `fedtune serve-logits` URL (token from "
+                    "FEDTUNE_LOGITS_TOKEN[_FILE]) or a model this command serves from a child "
+                    "process; needs --tokenizer of the same vocabulary")
+    kd.add_argument("--teacher-weight", type=float, default=d.teacher_weight,
+                    help=f"w in (1 - w) CE + w T^2 KL (default {d.teacher_weight})")
+    kd.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
+                    help=f"T of the KL term (default {d.teacher_temperature})")
     tok.add_argument("--vocab-size", type=int, default=d.vocab_size,
                      help=f"vocabulary of a newly trained tokenizer (default {d.vocab_size})")
     tok.add_argument("--text-field", default=d.text_field,
@@ -120,6 +135,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return PretrainConfig(
         corpus=args.corpus, out_dir=args.out, tokenizer=args.tokenizer,
         vocab_size=args.vocab_size, text_field=args.text_field,
+        tie_embeddings=args.tie_embeddings, teacher=args.teacher,
+        teacher_weight=args.teacher_weight, teacher_temperature=args.teacher_temperature,
         hidden_size=args.hidden_size or preset["hidden_size"],
         num_layers=args.layers or preset["num_layers"],
         num_heads=args.heads or preset["num_heads"],

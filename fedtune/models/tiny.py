@@ -60,9 +60,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 
 def tiny_llama_config(
     vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int, max_positions: int,
-    pad_token_id: int, bos_token_id: int, eos_token_id: int,
+    pad_token_id: int, bos_token_id: int, eos_token_id: int, tie_embeddings: bool = False,
 ) -> LlamaConfig:
-    """The Llama config of the tiny model: full multi-head attention and an MLP ratio of 4."""
+    """The Llama config of the tiny model: full multi-head attention and an MLP ratio of 4;
+    ``tie_embeddings`` shares the input embedding with the output head."""
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -74,7 +75,7 @@ def tiny_llama_config(
         pad_token_id=pad_token_id,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
     )
 
 
