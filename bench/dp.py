@@ -37,10 +37,11 @@ def settings(method: str, model: str, clients: int, per_round: int, rounds: int,
             "output.save_model=false", "output.checkpoint=false", "algorithm.weighting=equal",
             f"algorithm.local_steps={2 if quick else 10}",
             f"algorithm.fedkseed.tau={4 if quick else 10}"]
+    sets += ["data.max_length=128"]
     if model == "small":
-        sets += ["algorithm.fedkseed.lr=2e-4", "data.max_length=128"]
-        if DOLLY.is_file() and not quick:  # English the books model can learn
-            sets += ["data.format=dolly", f"data.path={dolly_subset()}", "data.partition=iid"]
+        sets += ["algorithm.fedkseed.lr=2e-4"]
+    if DOLLY.is_file() and not quick:  # the Dolly protocol (and English the books model learns)
+        sets += ["data.format=dolly", f"data.path={dolly_subset()}", "data.partition=iid"]
     if quick:
         sets += ["data.generated_per_family=4", "evaluation.max_new_tokens=8"]
     return sets
@@ -73,6 +74,7 @@ def run(sets: list[str]) -> tuple[dict[str, Any], Hostile, int]:
 
 def bench(method: str, a: argparse.Namespace) -> dict[str, Any]:
     base = settings(method, a.model, a.clients, a.per_round, a.rounds, a.quick)
+    base += [f"model.threads={a.threads}", *a.set]
     t0 = time.perf_counter()
     _, dev, dim = run(base + ["federation.rounds=1", "evaluation.evaluate_base=false",
                               "evaluation.max_examples=1"])
@@ -120,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-round", type=int, default=5)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0])
+    p.add_argument("--threads", type=int, default=0,
+                   help="model.threads of every run (0: the free cores, measured per run)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides after the bench's own (recorded in the JSON)")
     p.add_argument("--quick", action="store_true", help="tiny settings, a smoke test")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     a = p.parse_args(argv)

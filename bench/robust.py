@@ -199,8 +199,8 @@ def one_run(sets: list[str], attack: str, attackers: set[int]) -> tuple[dict[str
 
 def bench(method: str, model: str, clients: int, rounds: int, fractions: Sequence[float],
           attacks: Sequence[str], rules: Sequence[str], quick: bool,
-          threads: int = 0) -> dict[str, Any]:
-    base = settings(method, model, clients, rounds, quick, threads)
+          threads: int = 0, extra: Sequence[str] = ()) -> dict[str, Any]:
+    base = settings(method, model, clients, rounds, quick, threads) + list(extra)
     t0 = time.perf_counter()
     clean, dev = one_run(base, "none", set())
     clip = 2 * statistics.median(dev.honest_norms)
@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     p.add_argument("--threads", type=int, default=0,
                    help="model.threads of every run (0: the free cores, measured per run)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides after the bench's own, e.g. algorithm.local_steps=5 "
+                   "(recorded in the JSON)")
     p.add_argument("--quick", action="store_true", help="tiny settings, a smoke test")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     a = p.parse_args(argv)
@@ -275,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for method in a.method:
         res = bench(method, a.model, a.clients, a.rounds, a.fractions, a.attacks, a.rules,
-                    a.quick, a.threads)
+                    a.quick, a.threads, a.set)
+        res["set"] = a.set
         results.append(res)
         print(table(res, a.fractions, a.rules) + f"\n\n({res['wall_s']:.0f} s)\n")
     save_results(a.json, results)
