@@ -15,6 +15,7 @@ from fedtune.algorithms.fedpt.distill import (
     distill,
     distill_zo,
     kl_to_teacher,
+    kl_top_k,
     mean_kl,
     teacher_targets,
 )
@@ -25,6 +26,7 @@ from fedtune.configbase import ConfigError
 from fedtune.data.generated import HELDOUT_FAMILIES, generate_suite
 from fedtune.eval.evaluate import evaluate
 from fedtune.logits import LocalLogits
+from fedtune.logits.source import top_logits
 from fedtune.models.loading import load_model_and_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,23 @@ def test_kl_by_hand():
     # T scales the logits inside and the loss by T² outside (Hinton et al.)
     t, s = teacher * 3, student * 3
     assert float(kl_to_teacher(t, s, 3.0)) == pytest.approx(9 * float(want), rel=1e-5)
+
+
+def test_top_k_kl_by_hand_and_against_the_full_kl():
+    # p = (0.5, 0.3, 0.2), q = (0.25, 0.25, 0.5); top 1: {0.5} and a bucket {0.5} vs (0.25, 0.75)
+    p = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    q = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    want = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert float(kl_top_k(top_logits(p, 1), q)) == pytest.approx(want, rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(6, 50, generator=g) * 3, torch.randn(6, 50, generator=g)
+    full = float(kl_to_teacher(teacher, student, 1.0))
+    assert float(kl_top_k(top_logits(teacher, 50), student)) == pytest.approx(full, rel=1e-5)
+    bounds = [float(kl_top_k(top_logits(teacher, k), student)) for k in (1, 4, 16, 50)]
+    assert all(b <= full * (1 + 1e-6) for b in bounds) and bounds[-1] > bounds[0]
+    with_grad = student.clone().requires_grad_()
+    kl_top_k(top_logits(teacher, 8), with_grad).backward()
+    assert with_grad.grad is not None and bool(torch.isfinite(with_grad.grad).all())
 
 
 def teacher_and_targets(expert_scale: float = 1.0):

@@ -115,6 +115,35 @@ def test_malformed_requests_get_errors_and_the_service_stays_up(service):
     assert service.process.poll() is None
 
 
+def test_top_k_replies_equal_the_full_logits_top_k_in_far_fewer_bytes(service):
+    from fedtune.logits.source import forced_logits, forced_top, top_logits
+
+    client = service.client()
+    rows = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    full = forced_logits(client, rows)  # (2, 6, V)
+    top = forced_top(client, rows, 16)
+    want = top_logits(full, 16)
+    assert top.values.shape == (2, 6, 16) and torch.equal(top.indices, want.indices)
+    assert torch.allclose(top.values, want.values) and torch.allclose(top.lse, want.lse)
+    body = json.dumps({"prefixes": [[5, 6]], "top_k": 16}).encode()
+    req = urllib.request.Request(service.url + "/start", data=body, headers={
+        "Authorization": f"Bearer {service.token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        assert len(resp.read()) == 16 * 8 + 4  # not V * 4
+        assert resp.headers["X-Fedtune-Top-K"] == "16"
+    v = client.info().logits_width
+    for k in (0, v + 1, "8", True, 2048):
+        code, err = _post(service.url, "/start",
+                          json.dumps({"prefixes": [[5]], "top_k": k}).encode(), service.token)
+        assert code == 400 and "top_k must be an integer" in err["error"], (k, code, err)
+    sid, _ = client.start([[5]])
+    code, err = _post(service.url, "/extend", json.dumps(
+        {"session": sid, "tokens": [[6]], "top_k": -1}).encode(), service.token)
+    assert code == 400 and "top_k" in err["error"]
+    client.close(sid)
+    assert service.process.poll() is None
+
+
 def test_the_spawned_service_wants_its_token_which_is_not_on_its_command_line(service):
     """``ps`` shows every user a command line: the token travels in the child's environment."""
     cmdline = Path(f"/proc/{service.process.pid}/cmdline")

@@ -181,13 +181,15 @@ def test_one_client_cannot_take_every_session():
 def test_abandoned_sessions_expire_without_anyone_asking():
     """64 abandoned sessions (8 clients x 8) fill the table: a newcomer gets 503 at first, and
     once they idle past the ttl the sweeper (not a /start) reclaims them and it gets in."""
-    with running(max_sessions=64, max_sessions_per_client=8, session_ttl_s=2.0) as (srv, src):
+    with running(max_sessions=64, max_sessions_per_client=8, session_ttl_s=600.0) as (srv, src):
         for c in range(8):
             for _ in range(8):
                 src.start([[1, 2, 3]], owner=f"127.0.0.{c + 2}")  # as the handler would
         assert src.open_sessions() == 64
         status, err = _start(srv)
         assert status == 503 and "64 sessions are open" in err
+        src.ttl_s = 1.0  # now they are abandoned (a short ttl from the start expires some of
+        # them while the 64 are still being opened on a loaded machine)
         deadline = time.monotonic() + 10
         while src.open_sessions() and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -253,3 +253,17 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path: Path, small_servi
                       teacher=small_service.url), progress=False)
     with pytest.raises(ConfigError, match="tokenizer"):  # a teacher needs a tokenizer named
         pretrain(_cfg(corpus, tmp_path / "q", teacher=small_service.url), progress=False)
+    with pytest.raises(ConfigError, match="teacher_temperature"):  # top-k carries T = 1 only
+        pretrain(_cfg(corpus, tmp_path / "r", tokenizer="small", teacher=small_service.url,
+                      teacher_temperature=2.0), progress=False)
+
+
+def test_distilling_on_the_full_logits_lowers_the_kl_too(tmp_path: Path, small_service,
+                                                         monkeypatch) -> None:
+    monkeypatch.setenv("FEDTUNE_LOGITS_TOKEN", small_service.token)
+    cfg = _cfg(_write_corpus(tmp_path), tmp_path / "full", tokenizer="small",
+               teacher=small_service.url, teacher_weight=1.0, teacher_top_k=0,
+               teacher_temperature=2.0, steps=8, val_every=8, lr=1e-2)
+    kls = [h["val_kl"] for h in pretrain(cfg, progress=False).history]
+    assert len(kls) == 2 and kls[-1] < 0.8 * kls[0], kls
+    assert "on the full logits" in (tmp_path / "full" / "README.md").read_text()

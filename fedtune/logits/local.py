@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fedtune.logits.source import SourceInfo, tokenizer_hash
+from fedtune.logits.source import MAX_TOP_K, SourceInfo, TopLogits, tokenizer_hash, top_logits
 
 
 class LogitsRequestError(ValueError):
@@ -238,6 +238,24 @@ class LocalLogits:
             s.tokens += rows * k
             s.last_used = time.monotonic()
             return out.logits.float().cpu()  # (B, k, V)
+
+    def check_top_k(self, k: object) -> int:
+        """A valid top-k request size, else :class:`LogitsRequestError`."""
+        most = min(int(self.model.config.vocab_size), MAX_TOP_K)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
+            raise LogitsRequestError(f"top_k must be an integer in [1, {most}], got {k!r}")
+        return k
+
+    def start_top(self, prefixes: Sequence[Sequence[int]], k: int, owner: str = ""
+                  ) -> tuple[str, TopLogits]:
+        k = self.check_top_k(k)
+        sid, logits = self.start(prefixes, owner)
+        return sid, top_logits(logits, k)
+
+    def extend_top(self, session: str, tokens: Sequence[Sequence[int]], k: int,
+                   owner: str = "") -> TopLogits:
+        k = self.check_top_k(k)
+        return top_logits(self.extend(session, tokens, owner), k)
 
     def close(self, session: str, owner: str = "") -> None:
         with self._lock:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fedtune.logits.source import SourceInfo
+from fedtune.logits.source import SourceInfo, TopLogits, cat_top
 
 log = logging.getLogger(__name__)
 TOKEN_ENV = "FEDTUNE_LOGITS_TOKEN"
@@ -137,6 +137,40 @@ class RemoteLogits:
                                         f"hold {want} float32 logits")
         logits = torch.frombuffer(bytearray(body), dtype=torch.float32).view(want)
         return headers.get("X-Fedtune-Session", ""), logits
+
+    def _top(self, body: bytes, headers: Any, want: tuple[int, ...], k: int
+             ) -> tuple[str, TopLogits]:
+        shape = tuple(int(x) for x in headers.get("X-Fedtune-Shape", "0").split(","))
+        cells = math.prod(want)
+        if (headers.get("X-Fedtune-Top-K") != str(k) or shape != want + (k,)
+                or len(body) != cells * (8 * k + 4)):
+            raise LogitsServiceError(0, f"reply of {len(body)} bytes, shape {shape}, does not "
+                                        f"hold the top {k} logits of {want} positions")
+        n = cells * k * 4
+        values = torch.frombuffer(bytearray(body[:n]), dtype=torch.float32).view(want + (k,))
+        ids = torch.frombuffer(bytearray(body[n:2 * n]), dtype=torch.int32).view(want + (k,))
+        lse = torch.frombuffer(bytearray(body[2 * n:]), dtype=torch.float32).view(want)
+        return headers.get("X-Fedtune-Session", ""), TopLogits(values, ids.long(), lse)
+
+    def start_top(self, prefixes: Sequence[Sequence[int]], k: int) -> tuple[str, TopLogits]:
+        rows = [[int(t) for t in p] for p in prefixes]
+        body, headers = self._request("/start", {"prefixes": rows, "top_k": int(k)})
+        return self._top(body, headers, (len(rows),), int(k))
+
+    def extend_top(self, session: str, tokens: Sequence[Sequence[int]], k: int) -> TopLogits:
+        """:meth:`extend` as :class:`TopLogits` (B, k_tokens, k), split to fit the reply cap."""
+        rows = [[int(t) for t in r] for r in tokens]
+        n = len(rows[0]) if rows else 0
+        per_token = len(rows) * (8 * int(k) + 4)
+        chunk = max(1, self._max_reply // per_token) if self._max_reply and per_token else n
+        parts = []
+        for j in range(0, max(n, 1), max(chunk, 1)):
+            piece = [r[j:j + chunk] for r in rows]
+            body, headers = self._request("/extend", {"session": session, "tokens": piece,
+                                                      "top_k": int(k)})
+            parts.append(self._top(body, headers, (len(piece), len(piece[0]) if piece else 0),
+                                   int(k))[1])
+        return parts[0] if len(parts) == 1 else cat_top(parts, dim=1)
 
     def start(self, prefixes: Sequence[Sequence[int]]) -> tuple[str, torch.Tensor]:
         rows = [[int(t) for t in p] for p in prefixes]

@@ -34,6 +34,38 @@ class SourceInfo:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
 
 
+MAX_TOP_K = 1024  # the most columns a top-k reply may ask for
+
+
+@dataclass(frozen=True)
+class TopLogits:
+    """The ``k`` largest logits of each row, their token ids, and the log-sum-exp of the whole
+    row: enough for the exact log-probabilities of those tokens (values - lse) and the
+    probability left to the rest (1 - sum exp(values - lse)), in k * 8 + 4 bytes a row instead
+    of V * 4 (768x less for SmolLM2's 49,152 tokens at k = 64)."""
+
+    values: torch.Tensor  # (..., k) float32, descending
+    indices: torch.Tensor  # (..., k) int64
+    lse: torch.Tensor  # (...) float32
+
+    def log_probs(self) -> torch.Tensor:
+        return self.values - self.lse.unsqueeze(-1)
+
+
+def top_logits(logits: torch.Tensor, k: int) -> TopLogits:
+    """:class:`TopLogits` of (..., V) logits (float32)."""
+    logits = logits.float()
+    values, indices = logits.topk(k, dim=-1)
+    return TopLogits(values, indices, torch.logsumexp(logits, dim=-1))
+
+
+def cat_top(parts: Sequence[TopLogits], dim: int) -> TopLogits:
+    """Concatenate along a leading dimension (``dim`` < the last)."""
+    return TopLogits(torch.cat([p.values for p in parts], dim),
+                     torch.cat([p.indices for p in parts], dim),
+                     torch.cat([p.lse for p in parts], dim))
+
+
 class LogitsSource(Protocol):
     """Next-token logits of a model over incremental decoding sessions.
 
@@ -55,6 +87,14 @@ class LogitsSource(Protocol):
         ...
 
     def close(self, session: str) -> None: ...
+
+    def start_top(self, prefixes: Sequence[Sequence[int]], k: int) -> tuple[str, TopLogits]:
+        """``start``, answered with the top ``k`` logits of each row (:class:`TopLogits`)."""
+        ...
+
+    def extend_top(self, session: str, tokens: Sequence[Sequence[int]], k: int) -> TopLogits:
+        """``extend``, answered with the top ``k`` logits of each position."""
+        ...
 
 
 class TokenizerMismatch(ValueError):
@@ -103,5 +143,19 @@ def forced_logits(source: LogitsSource, rows: torch.Tensor) -> torch.Tensor:
             return first[:, None, :]
         rest = source.extend(session, [r[1:] for r in ids])
         return torch.cat([first[:, None, :], rest], dim=1)
+    finally:
+        source.close(session)
+
+
+def forced_top(source: LogitsSource, rows: torch.Tensor, k: int) -> TopLogits:
+    """:func:`forced_logits` as :class:`TopLogits` (B, L, k): what distillation needs from a
+    remote teacher, at a fraction of the bytes."""
+    ids = rows.tolist()
+    session, first = source.start_top([r[:1] for r in ids], k)
+    try:
+        head = TopLogits(first.values[:, None], first.indices[:, None], first.lse[:, None])
+        if rows.size(1) == 1:
+            return head
+        return cat_top([head, source.extend_top(session, [r[1:] for r in ids], k)], dim=1)
     finally:
         source.close(session)

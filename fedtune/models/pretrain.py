@@ -51,6 +51,7 @@ from transformers import (
 )
 
 from fedtune.configbase import ConfigError, check, option
+from fedtune.logits.source import TopLogits
 from fedtune.models.loading import resolve_model_source
 from fedtune.models.pretrain_data import (
     load_corpus,
@@ -90,7 +91,14 @@ class PretrainConfig:
             "the tokenizer (checked). Empty: plain language-model pre-training.")
     teacher_weight: float = option(
         0.5, "w in (1 - w) CE + w T^2 KL(teacher || student) (1: the teacher's logits only).")
-    teacher_temperature: float = option(2.0, "T of the distillation term.")
+    teacher_temperature: float = option(
+        1.0, "T of the distillation term (1 with teacher_top_k: the top-k form carries the "
+             "teacher's distribution at T = 1).")
+    teacher_top_k: int = option(
+        64, "Ask the teacher for its top k logits per position and the probability of the rest "
+            "(k * 8 + 4 bytes instead of V * 4: 768x less for a 49,152-token vocabulary), and "
+            "distil on those k tokens plus one bucket for the rest (a lower bound of the full "
+            "KL). 0: the full logits.")
     hidden_size: int = option(128, "Hidden size.")
     num_layers: int = option(4, "Number of decoder layers.")
     num_heads: int = option(4, "Attention heads (must divide hidden_size, even head size).")
@@ -139,6 +147,11 @@ class PretrainConfig:
               "must be in [0, 1]")
         check(self.teacher_temperature > 0, "teacher_temperature", self.teacher_temperature,
               "must be > 0")
+        check(isinstance(self.teacher_top_k, int) and 0 <= self.teacher_top_k <= 1024,
+              "teacher_top_k", self.teacher_top_k, "must be an integer in [0, 1024]")
+        check(self.teacher_top_k == 0 or self.teacher_temperature == 1, "teacher_temperature",
+              self.teacher_temperature, "must be 1 with teacher_top_k > 0 (set teacher_top_k "
+              "= 0 for full logits at another temperature)")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
@@ -174,16 +187,24 @@ def lm_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor) -> torch.
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
 
-def kd_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor,
-            weight: float, temperature: float
+def kd_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
+            teacher: torch.Tensor | TopLogits, weight: float, temperature: float
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(1 - w) CE(student, y) + w T^2 KL(softmax(teacher / T) || softmax(student / T)) over every
     position, then the CE and the KL at T = 1 (both detached, for the log). ``teacher``: (B, L, V')
-    logits of the same positions; the shared width min(V, V') is compared (a model may pad its
-    head)."""
-    from fedtune.algorithms.fedpt.distill import kl_to_teacher
+    logits of the same positions (the shared width min(V, V') is compared: a model may pad its
+    head), or their (B, L, k) :class:`TopLogits` (T = 1; :func:`kl_top_k`)."""
+    from fedtune.algorithms.fedpt.distill import kl_to_teacher, kl_top_k
 
     logits = model(input_ids=x).logits
+    if isinstance(teacher, TopLogits):
+        v = logits.size(-1)
+        flat = TopLogits(teacher.values.reshape(-1, teacher.values.size(-1)),
+                         teacher.indices.reshape(-1, teacher.indices.size(-1)),
+                         teacher.lse.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, v).float(), y.reshape(-1))
+        kl = kl_top_k(flat, logits.reshape(-1, v))
+        return (1 - weight) * ce + weight * kl, ce.detach(), kl.detach()
     width = min(logits.size(-1), teacher.size(-1))
     s = logits[..., :width].reshape(-1, width)
     t = teacher[..., :width].reshape(-1, width).to(s.dtype)
@@ -197,7 +218,7 @@ def kd_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor, teacher: 
 @torch.no_grad()
 def validation_loss(model: LlamaForCausalLM, val_tokens: torch.Tensor, starts: list[int],
                     block_size: int, batch_size: int,
-                    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None
+                    teacher: Callable[[torch.Tensor], torch.Tensor | TopLogits] | None = None
                     ) -> tuple[float, float | None]:
     """Mean next-token loss (nats) over the fixed held-out blocks, and with a ``teacher`` (a
     function of the input ids giving its logits) the mean KL(teacher || model) at T = 1."""
@@ -219,14 +240,15 @@ def validation_loss(model: LlamaForCausalLM, val_tokens: torch.Tensor, starts: l
 
 
 @contextmanager
-def open_teacher(spec: str, tokenizer: PreTrainedTokenizerBase
-                 ) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """The teacher's logits as a function of (B, L) input ids, reached only through `fedtune
-    serve-logits`: at ``spec`` if it is a URL, else a child process serving the model ``spec``
-    (stopped on exit). Its tokenizer must be ``tokenizer``'s, token for token."""
+def open_teacher(spec: str, tokenizer: PreTrainedTokenizerBase, top_k: int = 0
+                 ) -> Iterator[Callable[[torch.Tensor], torch.Tensor | TopLogits]]:
+    """The teacher's logits (or their top ``top_k``) as a function of (B, L) input ids, reached
+    only through `fedtune serve-logits`: at ``spec`` if it is a URL, else a child process serving
+    the model ``spec`` (stopped on exit). Its tokenizer must be ``tokenizer``'s, token for
+    token."""
     from fedtune.logits.remote import remote_from_env
     from fedtune.logits.service import spawn_service
-    from fedtune.logits.source import forced_logits, tokenizer_hash
+    from fedtune.logits.source import forced_logits, forced_top, tokenizer_hash
 
     service = None
     if spec.startswith(("http://", "https://")):
@@ -241,7 +263,10 @@ def open_teacher(spec: str, tokenizer: PreTrainedTokenizerBase
                               "(distillation compares logits token by token)")
         logger.info("teacher %s: vocabulary %d, logits width %d", spec, info.vocab_size,
                     info.logits_width)
-        yield lambda x: forced_logits(source, x)
+        if top_k:
+            yield lambda x: forced_top(source, x, top_k)
+        else:
+            yield lambda x: forced_logits(source, x)
     finally:
         if service is not None:
             service.stop()
@@ -267,7 +292,8 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 # Keys of the config that must not change when a run is resumed.
 _RESUME_KEYS = ("corpus", "tokenizer", "vocab_size", "text_field", "tie_embeddings",
-                "teacher_weight", "teacher_temperature", "hidden_size", "num_layers",
+                "teacher_weight", "teacher_temperature", "teacher_top_k", "hidden_size",
+                "num_layers",
                 "num_heads", "block_size", "batch_size", "steps", "lr", "min_lr_ratio",
                 "warmup_steps", "weight_decay", "grad_clip", "val_docs", "val_count", "seed")
 
@@ -347,7 +373,8 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
                     time.time() - t0)
     tokenizer.model_max_length = cfg.block_size
     tokenizer.save_pretrained(out)
-    teacher = stack.enter_context(open_teacher(cfg.teacher, tokenizer)) if cfg.teacher else None
+    teacher = (stack.enter_context(open_teacher(cfg.teacher, tokenizer, cfg.teacher_top_k))
+               if cfg.teacher else None)
 
     # 4. token streams
     t0 = time.time()
@@ -523,6 +550,8 @@ def model_card(s: dict[str, Any], vocab: int) -> str:
             f"`{c['teacher']}`, through its logits only (`fedtune serve-logits`; its weights "
             f"were never read): loss (1 - w) CE + w T^2 KL(teacher || student), w "
             f"{c['teacher_weight']}, T {c['teacher_temperature']}"
+            + (f", on the teacher's top {c['teacher_top_k']} tokens and one bucket for the "
+               "rest" if c.get("teacher_top_k") else ", on the full logits")
             + (f"; KL to the teacher on the held-out blocks {kl[0]:.3f} -> {kl[-1]:.3f}"
                if kl else ""))))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -82,7 +82,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     kd.add_argument("--teacher-weight", type=float, default=d.teacher_weight,
                     help=f"w in (1 - w) CE + w T^2 KL (default {d.teacher_weight})")
     kd.add_argument("--teacher-temperature", type=float, default=d.teacher_temperature,
-                    help=f"T of the KL term (default {d.teacher_temperature})")
+                    help=f"T of the KL term (default {d.teacher_temperature}; 1 with top-k)")
+    kd.add_argument("--teacher-top-k", type=int, default=d.teacher_top_k,
+                    help="distil on the teacher's top k tokens per position and one bucket for "
+                    f"the rest: k * 8 + 4 bytes instead of V * 4 (default {d.teacher_top_k}; "
+                    "0: the full logits)")
     tok.add_argument("--vocab-size", type=int, default=d.vocab_size,
                      help=f"vocabulary of a newly trained tokenizer (default {d.vocab_size})")
     tok.add_argument("--text-field", default=d.text_field,
@@ -137,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         vocab_size=args.vocab_size, text_field=args.text_field,
         tie_embeddings=args.tie_embeddings, teacher=args.teacher,
         teacher_weight=args.teacher_weight, teacher_temperature=args.teacher_temperature,
+        teacher_top_k=args.teacher_top_k,
         hidden_size=args.hidden_size or preset["hidden_size"],
         num_layers=args.layers or preset["num_layers"],
         num_heads=args.heads or preset["num_heads"],

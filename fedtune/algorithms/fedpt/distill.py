@@ -23,6 +23,7 @@ import torch
 from fedtune.algorithms.fedkseed.device import draw_seed_indices
 from fedtune.algorithms.fedpt.proxy import ProxyModel, fit_prompts, proxy_decode
 from fedtune.algorithms.local import backprop_step, run_steps
+from fedtune.logits.source import TopLogits
 from fedtune.zo.step import zo_step_on
 
 LOSSES = ("kl", "reverse-kl", "ce")
@@ -51,6 +52,24 @@ def kl_to_teacher(teacher: torch.Tensor, student: torch.Tensor, temperature: flo
     else:
         raise ValueError(f"unknown distillation loss {loss!r}; expected one of {list(LOSSES)}")
     return kl.mean() * t * t
+
+
+def kl_top_k(teacher: TopLogits, student: torch.Tensor) -> torch.Tensor:
+    """mean_i KL(p_i || q_i) at T = 1 from the teacher's top k only (rows of (N, k)
+    :class:`TopLogits`; ``student`` (N, V) logits): the k tokens exactly, and all other tokens
+    as one bucket holding the probability left, 1 - sum_k p (the student's: 1 - sum_k q). Merging
+    outcomes can only lower a KL, so this is a lower bound of the full KL, equal to it when k
+    covers the vocabulary or the teacher's tail is empty."""
+    log_q = torch.log_softmax(student.float(), dim=-1)
+    log_p = teacher.log_probs().to(log_q.device)
+    log_qk = log_q.gather(-1, teacher.indices.to(log_q.device))
+    head = (log_p.exp() * (log_p - log_qk)).sum(-1)
+    tiny = torch.finfo(torch.float32).tiny
+    tail_p = (1 - log_p.exp().sum(-1)).clamp(min=0)
+    tail_q = (1 - log_qk.exp().sum(-1)).clamp(min=tiny)
+    tail = torch.where(tail_p > 0, tail_p * (tail_p.clamp(min=tiny).log() - tail_q.log()),
+                       torch.zeros_like(tail_p))
+    return (head + tail).mean()
 
 
 @dataclass
