@@ -194,7 +194,7 @@ def kd_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
     position, then the CE and the KL at T = 1 (both detached, for the log). ``teacher``: (B, L, V')
     logits of the same positions (the shared width min(V, V') is compared: a model may pad its
     head), or their (B, L, k) :class:`TopLogits` (T = 1; :func:`kl_top_k`)."""
-    from fedtune.algorithms.fedpt.distill import kl_to_teacher, kl_top_k
+    from fedtune.algorithms.fedpt.distill import kl_to_teacher, kl_top_k_log_q
 
     logits = model(input_ids=x).logits
     if isinstance(teacher, TopLogits):
@@ -202,8 +202,9 @@ def kd_loss(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
         flat = TopLogits(teacher.values.reshape(-1, teacher.values.size(-1)),
                          teacher.indices.reshape(-1, teacher.indices.size(-1)),
                          teacher.lse.reshape(-1))
-        ce = F.cross_entropy(logits.reshape(-1, v).float(), y.reshape(-1))
-        kl = kl_top_k(flat, logits.reshape(-1, v))
+        log_q = torch.log_softmax(logits.reshape(-1, v).float(), dim=-1)
+        ce = F.nll_loss(log_q, y.reshape(-1))
+        kl = kl_top_k_log_q(flat, log_q)
         return (1 - weight) * ce + weight * kl, ce.detach(), kl.detach()
     width = min(logits.size(-1), teacher.size(-1))
     s = logits[..., :width].reshape(-1, width)

@@ -60,7 +60,12 @@ def kl_top_k(teacher: TopLogits, student: torch.Tensor) -> torch.Tensor:
     as one bucket holding the probability left, 1 - sum_k p (the student's: 1 - sum_k q). Merging
     outcomes can only lower a KL, so this is a lower bound of the full KL, equal to it when k
     covers the vocabulary or the teacher's tail is empty."""
-    log_q = torch.log_softmax(student.float(), dim=-1)
+    return kl_top_k_log_q(teacher, torch.log_softmax(student.float(), dim=-1))
+
+
+def kl_top_k_log_q(teacher: TopLogits, log_q: torch.Tensor) -> torch.Tensor:
+    """:func:`kl_top_k` from the student's log-probabilities (N, V), for a caller that needs
+    them for its cross-entropy too (one log-softmax over a large vocabulary, not two)."""
     log_p = teacher.log_probs().to(log_q.device)
     log_qk = log_q.gather(-1, teacher.indices.to(log_q.device))
     head = (log_p.exp() * (log_p - log_qk)).sum(-1)
