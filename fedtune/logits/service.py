@@ -15,7 +15,7 @@ is its client); weights and gradients never leave the process. Endpoints (JSON r
 ``/start``, ``/step`` and ``/extend`` take an optional ``"top_k": k`` (1 to 1024): the reply
 then holds, per position, the k largest logits (float32), their token ids (int32) and the
 log-sum-exp of the whole row (float32), with ``X-Fedtune-Top-K: k``
-(:class:`fedtune.logits.source.TopLogits`): 768x fewer bytes for a 49,152-token vocabulary at
+(:class:`fedtune.logits.source.TopLogits`): 381x fewer bytes for a 49,152-token vocabulary at
 k = 64, which is what distillation from a remote teacher needs.
 
 ``/start``, ``/step`` and ``/extend`` answer with the raw little-endian float32 logits (exact,

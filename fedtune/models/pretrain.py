@@ -96,9 +96,9 @@ class PretrainConfig:
              "teacher's distribution at T = 1).")
     teacher_top_k: int = option(
         64, "Ask the teacher for its top k logits per position and the probability of the rest "
-            "(k * 8 + 4 bytes instead of V * 4: 768x less for a 49,152-token vocabulary), and "
-            "distil on those k tokens plus one bucket for the rest (a lower bound of the full "
-            "KL). 0: the full logits.")
+            "(k * 8 + 4 bytes instead of V * 4: 381x less for a 49,152-token vocabulary at "
+            "k 64), and distil on those k tokens plus one bucket for the rest (a lower bound of "
+            "the full KL). 0: the full logits.")
     hidden_size: int = option(128, "Hidden size.")
     num_layers: int = option(4, "Number of decoder layers.")
     num_heads: int = option(4, "Attention heads (must divide hidden_size, even head size).")
