@@ -37,6 +37,7 @@ SMALL = [
     "model.path=tiny", "evaluation.loss_interval=1",
     "model.tiny_vocab_size=300", "federation.node_wait_s=60",
     "federation.reply_timeout_s=120",
+    "model.threads=1",  # compared runs must not round differently as the load changes
 ]
 RUN_TIMEOUT = 600  # seconds for a whole 2-3 round run (60-120 s on 2 busy cores)
 ONE_ROUND = "federation.rounds=1"
