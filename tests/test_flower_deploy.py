@@ -128,8 +128,9 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 def test_supernode_stopped_mid_round(tmp_path, monkeypatch, federation):
     """Node 1 is stopped while it trains in round 2 and restarted at once: round 2 completes with
-    node 0's reply after the timeout, round 3 has both nodes again, and the model equals an
-    in-process run in which client 1 failed in round 2."""
+    node 0's reply alone (Flower reports node 1 unavailable on its heartbeat, within the reply
+    time-out), round 3 has both nodes again, and the model equals an in-process run in which
+    client 1 failed in round 2."""
     fed = federation
     extra = ("federation.rounds=3", "federation.reply_timeout_s=30")
     run_dir = tmp_path / "run"
