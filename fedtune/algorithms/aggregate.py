@@ -179,10 +179,12 @@ def reply_weight(num_samples: int, weighting: str = "samples", cap: int = 0) -> 
     return float(min(num_samples, cap) if cap > 0 else num_samples)
 
 
-def refusal(update: Mapping[str, torch.Tensor], bound: float) -> str | None:
+def refusal(update: Mapping[str, torch.Tensor], bound: float, norm: float | None = None
+            ) -> str | None:
     """Why a round's aggregate ``update`` must not commit (None: it may): it is not finite, or
-    it would move the global state by more than ``bound`` (L2; 0: no bound)."""
-    norm = l2_norm(update)
+    it would move the global state by more than ``bound`` (L2; 0: no bound). ``norm``: the
+    update's L2 norm when the caller has it already."""
+    norm = l2_norm(update) if norm is None else norm
     if not math.isfinite(norm):
         return "the aggregate is not finite"
     if bound > 0 and norm > bound * (1 + 1e-9):

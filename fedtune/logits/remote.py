@@ -159,17 +159,13 @@ class RemoteLogits:
 
     def extend_top(self, session: str, tokens: Sequence[Sequence[int]], k: int) -> TopLogits:
         """:meth:`extend` as :class:`TopLogits` (B, k_tokens, k), split to fit the reply cap."""
-        rows = [[int(t) for t in r] for r in tokens]
-        n = len(rows[0]) if rows else 0
-        per_token = len(rows) * (8 * int(k) + 4)
-        chunk = max(1, self._max_reply // per_token) if self._max_reply and per_token else n
+        rows, k = [[int(t) for t in r] for r in tokens], int(k)
         parts = []
-        for j in range(0, max(n, 1), max(chunk, 1)):
-            piece = [r[j:j + chunk] for r in rows]
+        for piece in self._pieces(rows, 8 * k + 4):
             body, headers = self._request("/extend", {"session": session, "tokens": piece,
-                                                      "top_k": int(k)})
+                                                      "top_k": k})
             parts.append(self._top(body, headers, (len(piece), len(piece[0]) if piece else 0),
-                                   int(k))[1])
+                                   k)[1])
         return parts[0] if len(parts) == 1 else cat_top(parts, dim=1)
 
     def start(self, prefixes: Sequence[Sequence[int]]) -> tuple[str, torch.Tensor]:
@@ -186,13 +182,18 @@ class RemoteLogits:
         """(B, k, V) logits, asked for in as few requests as the service's reply cap allows
         (the KV cache makes k tokens in pieces the same as k at once, up to float rounding)."""
         rows = [[int(t) for t in r] for r in tokens]
+        parts = [self._extend(session, piece)
+                 for piece in self._pieces(rows, self.info().logits_width * 4)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _pieces(self, rows: list[list[int]], cell_bytes: int) -> list[list[list[int]]]:
+        """``rows`` cut into column blocks whose replies (``cell_bytes`` per row and column)
+        fit the service's announced cap (one block when there is none)."""
         k = len(rows[0]) if rows else 0
-        per_token = len(rows) * self.info().logits_width * 4  # reply bytes of one more column
-        chunk = max(1, self._max_reply // per_token) if self._max_reply and per_token else k
-        if k <= chunk:
-            return self._extend(session, rows)
-        return torch.cat([self._extend(session, [r[j:j + chunk] for r in rows])
-                          for j in range(0, k, chunk)], dim=1)
+        per_column = len(rows) * cell_bytes
+        self.info()  # learns the cap
+        chunk = max(1, self._max_reply // per_column) if self._max_reply and per_column else k
+        return [[r[j:j + chunk] for r in rows] for j in range(0, max(k, 1), max(chunk, 1))]
 
     def _extend(self, session: str, rows: list[list[int]]) -> torch.Tensor:
         body, headers = self._request("/extend", {"session": session, "tokens": rows})

@@ -51,7 +51,7 @@ from transformers import (
 )
 
 from fedtune.configbase import ConfigError, check, option
-from fedtune.logits.source import TopLogits
+from fedtune.logits.source import MAX_TOP_K, TopLogits
 from fedtune.models.loading import resolve_model_source
 from fedtune.models.pretrain_data import (
     load_corpus,
@@ -147,8 +147,8 @@ class PretrainConfig:
               "must be in [0, 1]")
         check(self.teacher_temperature > 0, "teacher_temperature", self.teacher_temperature,
               "must be > 0")
-        check(isinstance(self.teacher_top_k, int) and 0 <= self.teacher_top_k <= 1024,
-              "teacher_top_k", self.teacher_top_k, "must be an integer in [0, 1024]")
+        check(isinstance(self.teacher_top_k, int) and 0 <= self.teacher_top_k <= MAX_TOP_K,
+              "teacher_top_k", self.teacher_top_k, f"must be an integer in [0, {MAX_TOP_K}]")
         check(self.teacher_top_k == 0 or self.teacher_temperature == 1, "teacher_temperature",
               self.teacher_temperature, "must be 1 with teacher_top_k > 0 (set teacher_top_k "
               "= 0 for full logits at another temperature)")

@@ -147,9 +147,10 @@ class FedAvgServer:
     def _commit(self, agg: dict[str, torch.Tensor]) -> None:
         """Make the round's aggregate (an update, or the mean of the trained tensors) the new
         theta, unless it is not finite or moves theta past the bound: then refuse it whole."""
-        reason = refusal(agg, self.rules.max_change) if self.updates else None
+        move = l2_norm(agg) if self.updates else None
+        reason = refusal(agg, self.rules.max_change, move) if self.updates else None
         if reason is None and self._sizes:
-            move = l2_norm(agg) if self.updates else self._distance(agg)
+            move = self._distance(agg) if move is None else move
             reason = outlier_refusal(move, self._sizes, self.rules.outlier_factor)
         new = ({k: (v.double() + agg[k]).to(v.dtype) for k, v in self.theta.items()}
                if self.updates else {k: v.to(self.theta[k].dtype) for k, v in agg.items()})
