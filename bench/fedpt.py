@@ -41,11 +41,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DOLLY = ROOT.parent / "shared" / "data" / "dolly" / "databricks-dolly-15k.jsonl.gz"
+NI = ROOT.parent / "shared" / "data" / "natural-instructions"
+log = logging.getLogger("bench.fedpt")
 
 DATA = {
     "dolly": ["data.format=dolly", f"data.path={json.dumps(str(DOLLY))}",
               "data.heldout_category=summarization", "data.partition=dirichlet",
               "data.num_clients=200", "data.alpha=0.5", "data.max_length=256"],
+    # Natural Instructions as configs/ni-fedit.toml splits it: a task per client, the held-out
+    # tasks' test instances for evaluation
+    "ni": ["data.format=natural-instructions", f"data.path={json.dumps(str(NI))}",
+           "data.partition=natural", "data.max_length=256"],
     "generated": ["data.format=generated", "data.generated_per_family=40",
                   "data.heldout_categories=[]", "data.partition=dirichlet",
                   "data.num_clients=20", "data.alpha=0.5", "data.max_length=128"],
@@ -64,21 +70,59 @@ FEDAVG = ["algorithm.local_steps=30", "algorithm.batch_size=4", "algorithm.lr=1e
 FEDKSEED = ["algorithm.fedkseed.k_seeds=1024", "algorithm.fedkseed.tau=75",
             "algorithm.fedkseed.batch_size=4", "algorithm.fedkseed.lr=2e-4",
             "algorithm.fedkseed.zo_eps=5e-4", "algorithm.fedkseed.keep_z=true"]
-FEDPT = ["algorithm.name=fedpt", "model.path=small", "algorithm.fedpt.large_model=large",
-         "algorithm.fedpt.distill_prompts=64", "algorithm.fedpt.distill_steps=16"]
-NO_DISTILL = ["algorithm.fedpt.distill=false"]
-ARMS: dict[str, list[str]] = {
-    "direct": ["algorithm.name=fedit", "model.path=large"] + FEDIT,
-    "fedpt": FEDPT + ["algorithm.fedpt.device_trainer=fedit"] + FEDIT,
-    "fedpt-nodistill": FEDPT + ["algorithm.fedpt.device_trainer=fedit"] + FEDIT + NO_DISTILL,
-    "fedpt-fedkseed": FEDPT + ["algorithm.fedpt.device_trainer=fedkseed"] + FEDKSEED,
-    "direct-fedavg": ["algorithm.name=fedavg", "model.path=large"] + FEDAVG,
-    "fedpt-fedavg": FEDPT + ["algorithm.fedpt.device_trainer=fedavg"] + FEDAVG,
-    "fedpt-fedavg-nodistill": FEDPT + ["algorithm.fedpt.device_trainer=fedavg"] + FEDAVG
-    + NO_DISTILL,
+# the pairs: (small partner, black-box large model)
+PAIRS = {"tiny": ("small", "large"), "real": ("smollm2-partner", "smollm2-135m")}
+# On the real pair one setting per device trainer for both models, so that FedPT and the direct
+# tuning it is measured against differ only in the model tuned: LoRA r 16 on every linear layer
+# of the blocks (not the tied head), lr 1e-3; full tuning at lr 1e-5 (SmolLM2's own fine-tuning
+# scale); FedKSeed at the quick start's settings.
+REAL_TRAINING = {
+    "fedit": ["algorithm.local_steps=10", "algorithm.batch_size=4", "algorithm.lr=1e-3",
+              "algorithm.lora.r=16", "algorithm.lora.alpha=32",
+              'algorithm.lora.target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj",'
+              '"up_proj","down_proj"]'],
+    "fedavg": ["algorithm.local_steps=10", "algorithm.batch_size=4", "algorithm.lr=1e-5"],
+    "fedkseed": ["algorithm.fedkseed.k_seeds=1024", "algorithm.fedkseed.tau=20",
+                 "algorithm.fedkseed.batch_size=4", "algorithm.fedkseed.lr=3e-5",
+                 "algorithm.fedkseed.zo_eps=5e-4", "algorithm.fedkseed.keep_z=true"],
 }
+TINY_TRAINING = {"fedit": FEDIT, "fedavg": FEDAVG, "fedkseed": FEDKSEED}
+NO_DISTILL = ["algorithm.fedpt.distill=false"]
+PAPER_ANTI = ["algorithm.fedpt.anti_expert=base"]  # the paper's: the base small model throughout
+DISTILLED_ANTI = ["algorithm.fedpt.anti_expert=distilled"]
+
+
+def arms(pair: str = "tiny") -> dict[str, list[str]]:
+    """Each arm's settings on ``pair``."""
+    small, large = PAIRS[pair]
+    train = REAL_TRAINING if pair == "real" else TINY_TRAINING
+    fedpt = ["algorithm.name=fedpt", f"model.path={small}",
+             f"algorithm.fedpt.large_model={large}", "algorithm.fedpt.distill_prompts=64",
+             "algorithm.fedpt.distill_steps=16"]
+
+    def pt(trainer: str) -> list[str]:
+        return fedpt + [f"algorithm.fedpt.device_trainer={trainer}"] + train[trainer]
+
+    return {
+        "direct": ["algorithm.name=fedit", f"model.path={large}"] + train["fedit"],
+        "fedpt": pt("fedit"),
+        "fedpt-nodistill": pt("fedit") + NO_DISTILL,
+        "fedpt-paper": pt("fedit") + PAPER_ANTI,
+        "fedpt-anti": pt("fedit") + DISTILLED_ANTI,
+        "fedpt-fedkseed": pt("fedkseed"),
+        "direct-fedavg": ["algorithm.name=fedavg", f"model.path={large}"] + train["fedavg"],
+        "fedpt-fedavg": pt("fedavg"),
+        "fedpt-fedavg-nodistill": pt("fedavg") + NO_DISTILL,
+        "small": ["algorithm.name=fedit", f"model.path={small}"] + train["fedit"],
+    }
+
+
+ARMS = arms()
+REAL_ARMS = ("direct", "fedpt-nodistill", "fedpt-paper", "fedpt-anti", "fedpt-fedavg",
+             "fedpt-fedkseed")
 # the direct tuning of the large model each FedPT arm is measured against
-BASELINE = {"fedpt": "direct", "fedpt-nodistill": "direct", "fedpt-fedkseed": "direct",
+BASELINE = {"fedpt": "direct", "fedpt-nodistill": "direct", "fedpt-paper": "direct",
+            "fedpt-anti": "direct", "small": "direct", "fedpt-fedkseed": "direct",
             "fedpt-fedavg": "direct-fedavg", "fedpt-fedavg-nodistill": "direct-fedavg"}
 
 
@@ -96,7 +140,7 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
+def device_cost(arm: str, overrides: list[str], pair: str = "tiny") -> dict[str, Any]:
     """One local round of ``arm``'s device side on client 0, in this (fresh) process."""
     import torch  # imports first: their memory is not the device's model
 
@@ -106,7 +150,7 @@ def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
     from fedtune.data.prompts import tokenize_records
     from fedtune.models.loading import load_model_and_tokenizer
 
-    cfg = load_config(None, overrides + ARMS[arm])
+    cfg = load_config(None, overrides + arms(pair)[arm])
     data = build_federated_data(cfg.data)
     _reset_peak_rss()
     rss0 = _status_mb("VmRSS")
@@ -137,34 +181,39 @@ def device_cost(arm: str, overrides: list[str]) -> dict[str, Any]:
             "model_params": params}
 
 
-def _cost_in_subprocess(arm: str, overrides: list[str]) -> dict[str, Any]:
+def _cost_in_subprocess(arm: str, overrides: list[str], pair: str = "tiny") -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "bench.fedpt", "--device-cost", arm,
-                          "--overrides", json.dumps(overrides)], capture_output=True, text=True,
-                         cwd=ROOT, check=True)
+                          "--pair", pair, "--overrides", json.dumps(overrides)],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
 def _common(data: str, rounds: int, clients_per_round: int, eval_examples: int,
-            max_new_tokens: int) -> list[str]:
+            max_new_tokens: int, extra: list[str] | None = None) -> list[str]:
     if data == "dolly" and not DOLLY.is_file():
         raise FileNotFoundError(f"{DOLLY} is missing: the Dolly benchmark needs Dolly-15k")
+    if data == "ni" and not NI.is_dir():
+        raise FileNotFoundError(f"{NI} is missing: the NI benchmark needs Natural Instructions")
     return DATA[data] + COMMON + [
         f"federation.rounds={rounds}", f"federation.clients_per_round={clients_per_round}",
-        f"evaluation.max_examples={eval_examples}", f"evaluation.max_new_tokens={max_new_tokens}"]
+        f"evaluation.max_examples={eval_examples}",
+        f"evaluation.max_new_tokens={max_new_tokens}"] + (extra or [])
 
 
 def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
-          max_new_tokens: int, arms: list[str]) -> dict[str, Any]:
+          max_new_tokens: int, names: list[str], pair: str = "tiny",
+          extra: list[str] | None = None) -> dict[str, Any]:
     from fedtune.config import load_config
     from fedtune.metrics import read_metrics
     from fedtune.runner import run
 
-    common = _common(data, rounds, clients_per_round, eval_examples, max_new_tokens)
+    common = _common(data, rounds, clients_per_round, eval_examples, max_new_tokens, extra)
+    settings = arms(pair)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for arm in arms:
-            cfg = load_config(None, common + ARMS[arm])
+        for arm in names:
+            cfg = load_config(None, common + settings[arm] + (extra or []))
             t0 = time.perf_counter()
             s = run(cfg, Path(tmp) / arm, progress=False)
             rows = read_metrics(Path(tmp) / arm / "metrics.jsonl")
@@ -180,10 +229,13 @@ def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
                 "run_wall_s": time.perf_counter() - t0,
                 "distillation": json.loads(distill_log.read_text())
                 if distill_log.is_file() else None,
-                "settings": ARMS[arm]}
-            out[arm]["device"] = _cost_in_subprocess(arm, common)
-    return summarise({"data": data, "rounds": rounds, "clients_per_round": clients_per_round,
-                      "eval_examples": eval_examples, "max_new_tokens": max_new_tokens}, out)
+                "settings": settings[arm]}
+            out[arm]["device"] = _cost_in_subprocess(arm, common, pair)
+            log.warning("arm %s: %s", arm, json.dumps({k: v for k, v in out[arm].items()
+                                                       if k not in ("settings", "distillation")}))
+    return summarise({"data": data, "pair": pair, "rounds": rounds,
+                      "clients_per_round": clients_per_round, "eval_examples": eval_examples,
+                      "max_new_tokens": max_new_tokens, "extra": extra or []}, out)
 
 
 def summarise(protocol: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
@@ -244,7 +296,8 @@ def _parallel(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "bench.fedpt", "--json", "--data", args.data, "--arms", arm,
                "--rounds", str(args.rounds), "--clients-per-round", str(args.clients_per_round),
                "--eval-examples", str(args.eval_examples),
-               "--max-new-tokens", str(args.max_new_tokens)]
+               "--max-new-tokens", str(args.max_new_tokens), "--pair", args.pair,
+               "--threads", str(args.threads), "--set", *args.set]
         running[arm] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                         env=env)
     for arm in list(running):
@@ -266,8 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients-per-round", type=int, default=4)
     ap.add_argument("--eval-examples", type=int, default=40)
     ap.add_argument("--max-new-tokens", type=int, default=24)
-    ap.add_argument("--arms", default=",".join(ARMS),
-                    help=f"comma-separated, of: {', '.join(ARMS)}")
+    ap.add_argument("--pair", choices=list(PAIRS), default="tiny",
+                    help="'tiny' (fedtune's books pair, 2.1M / 8.4M) or 'real' (smollm2-partner, "
+                         "11.8M, under smollm2-135m, SmolLM2-135M-Instruct, behind the service)")
+    ap.add_argument("--arms", default=None,
+                    help=f"comma-separated, of: {', '.join(ARMS)} (default: all but 'small' on "
+                         f"the tiny pair; {','.join(REAL_ARMS)} on the real one)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every arm, after the arm's own (recorded)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="model.threads of every run (default 0: the free cores)")
     ap.add_argument("--parallel", action="store_true",
                     help="run the arms in their own processes, --jobs at a time (same figures; "
                          "the wall and device times then share the cores)")
@@ -279,15 +340,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    extra = list(args.set) + ([f"model.threads={args.threads}"] if args.threads else [])
     if args.device_cost:
-        print(json.dumps(device_cost(args.device_cost, json.loads(args.overrides))))
+        print(json.dumps(device_cost(args.device_cost, json.loads(args.overrides), args.pair)))
         return 0
+    if args.arms is None:
+        args.arms = ",".join(REAL_ARMS if args.pair == "real" else
+                             [a for a in ARMS if a != "small"])
     if args.quick:
         args.rounds, args.clients_per_round, args.eval_examples, args.max_new_tokens = 2, 3, 20, 24
     if args.cost_only:
         common = _common(args.data, args.rounds, args.clients_per_round, args.eval_examples,
-                         args.max_new_tokens)
-        costs = {arm: _cost_in_subprocess(arm, common) for arm in args.arms.split(",")}
+                         args.max_new_tokens, extra)
+        costs = {arm: _cost_in_subprocess(arm, common, args.pair)
+                 for arm in args.arms.split(",")}
         if args.json:
             print(json.dumps(costs, indent=1))
         else:
@@ -300,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         r = _parallel(args)
     else:
         r = bench(args.data, args.rounds, args.clients_per_round, args.eval_examples,
-                  args.max_new_tokens, args.arms.split(","))
+                  args.max_new_tokens, args.arms.split(","), args.pair, extra)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0

@@ -16,6 +16,7 @@ from fedtune.algorithms.fedpt.distill import (
     distill_zo,
     kl_to_teacher,
     kl_top_k,
+    large_targets,
     mean_kl,
     teacher_targets,
 )
@@ -76,6 +77,31 @@ def teacher_and_targets(expert_scale: float = 1.0):
     kw = {"max_new_tokens": 8, "eos_id": None, "pad_id": 0}
     return (base, tuned, teacher_targets(teacher, prompts[:32], **kw),
             teacher_targets(teacher, prompts[32:], **kw))
+
+
+def test_large_targets_recover_the_bare_large_models_logits():
+    """anti_expert = 'distilled' trains the anti-expert toward s_large, which the server
+    recovers as s_proxy - alpha (s_tuned - s_base) without asking the large model again."""
+    tok = StubTokenizer(40)
+    large, base, tuned = llama(0, hidden=32), llama(1), llama(2)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 40, (int(n),), generator=g).tolist()
+               for n in torch.randint(2, 8, (6,), generator=g)]
+    for alpha in (1.0, 0.5):
+        teacher = ProxyModel(LocalLogits(large, tok), LocalLogits(tuned, tok),
+                             LocalLogits(base, tok), alpha=alpha)
+        targets = teacher_targets(teacher, prompts, max_new_tokens=5, eos_id=None, pad_id=0)
+        got = large_targets(targets, tuned, base, alpha=alpha, pad_id=0, vocab_size=40,
+                            batch_size=4)
+        assert len(got) == len(targets) == len(prompts)
+        for t, g_ in zip(targets, got, strict=True):
+            assert g_.ids == t.ids and g_.prompt_len == t.prompt_len
+            with torch.no_grad():
+                want = large(input_ids=torch.tensor([t.ids])).logits[0]
+            rows = want[t.prompt_len - 1:t.prompt_len - 1 + len(t.logits)]
+            torch.testing.assert_close(g_.logits, rows, rtol=1e-4, atol=1e-4)
+            # and they are not the proxy's own logits (the offset is not zero here)
+            assert not torch.allclose(g_.logits, t.logits, atol=1e-3)
 
 
 def test_distillation_lowers_the_kl_to_the_teacher_on_held_out_prompts():

@@ -87,9 +87,11 @@ def test_fedpt_with_fedkseed_devices_distils_through_the_seeds(tmp_path):
 
 
 def test_resume_keeps_the_distillation_log_and_gives_the_same_model(tmp_path, interrupt_at_round):
+    """A distilled anti-expert (trained by the server each round) is part of the checkpoint."""
     extra = ["algorithm.fedpt.device_trainer=fedkseed", "federation.rounds=2",
              "algorithm.fedpt.large_access=in-process", "algorithm.fedpt.distill_zo_steps=4",
-             "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=2"]
+             "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.tau=2",
+             "algorithm.fedpt.anti_expert=distilled"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     run_cli(straight, *extra)
     interrupt_at_round(2)
@@ -104,3 +106,10 @@ def test_resume_keeps_the_distillation_log_and_gives_the_same_model(tmp_path, in
     assert json.loads((broken / "fedpt_distill.json").read_text()) == log
     assert ((straight / "model" / "model.safetensors").read_bytes()
             == (broken / "model" / "model.safetensors").read_bytes())
+    anti = Path("proxy") / "anti_expert" / "model.safetensors"
+    assert (straight / anti).read_bytes() == (broken / anti).read_bytes()
+    # the anti-expert was distilled: it is not the base small model any more
+    base, _ = load_model_and_tokenizer(SMALL, "float32", "cpu")
+    moved, _ = load_model_and_tokenizer(straight / anti.parent, "float32", "cpu")
+    assert not all(torch.equal(p, q) for p, q in zip(base.parameters(), moved.parameters(),
+                                                     strict=True))

@@ -229,3 +229,40 @@ def test_secure_aggregation_over_real_superlink_and_supernodes(tmp_path, federat
     ulp = 2 * float(np.finfo(np.float32).eps) * max(abs(a) for a in want)
     diff = max(abs(a - b) for a, b in zip(want, got, strict=True))
     assert any(got) and 0 < diff <= error + ulp, (diff, error)
+
+
+def test_fedpt_with_the_logits_service_as_its_own_process(tmp_path, monkeypatch):
+    """FedPT on the deployment engine: SuperLink and SuperNodes as processes, the large model
+    behind `fedtune serve-logits` as a third kind of process with its own token, which only the
+    SuperLink's environment holds (the ServerApp reads FEDTUNE_LOGITS_TOKEN; the nodes never see
+    the large model). The run ends with the same proxy as in process against the same service."""
+    from fedtune.logits.remote import TOKEN_ENV, LogitsServiceError
+    from fedtune.logits.service import spawn_service
+
+    root = Path(__file__).resolve().parents[1] / "fedtune" / "base_models"
+    svc = spawn_service(str(root / "large"), device="cpu", threads=1, timeout=120)
+    try:
+        cfg = (ONE_ROUND, "algorithm.name=fedpt", "algorithm.local_steps=2",
+               f"model.path={json.dumps(str(root / 'small'))}", "data.max_length=128",
+               "algorithm.fedpt.large_access=url", f"algorithm.fedpt.large_url={svc.url}",
+               "algorithm.fedpt.distill_prompts=4", "algorithm.fedpt.distill_steps=2",
+               "algorithm.fedpt.distill_max_new_tokens=6", "algorithm.fedpt.eval_small=false")
+        # without the token the FedPT server cannot start (the service refuses it)
+        monkeypatch.delenv(TOKEN_ENV, raising=False)
+        with pytest.raises(LogitsServiceError) as refused:
+            runner.run(config(*cfg), tmp_path / "refused", progress=False)
+        assert refused.value.status == 401
+        monkeypatch.setenv(TOKEN_ENV, svc.token)
+        runner.run(config(*cfg), tmp_path / "inprocess", progress=False)
+        with LocalFederation(tmp_path / "fed", 2) as fed:  # started with the token in its env
+            deploy(fed, config(*cfg), tmp_path / "run")
+    finally:
+        svc.stop()
+    assert svc.process.poll() is not None
+    assert comparable(tmp_path / "inprocess") == comparable(tmp_path / "run")
+    assert model_hash(tmp_path / "inprocess") == model_hash(tmp_path / "run")
+    proxy = [json.loads((d / "proxy" / "fedpt.json").read_text())
+             for d in (tmp_path / "inprocess", tmp_path / "run")]
+    assert proxy[0] == proxy[1] and proxy[0]["large_url"] == svc.url
+    anti = Path("proxy") / "anti_expert" / "model.safetensors"
+    assert (tmp_path / "inprocess" / anti).read_bytes() == (tmp_path / "run" / anti).read_bytes()

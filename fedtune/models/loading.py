@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 # The embedded base models (one tokenizer, one vocabulary; BENCHMARKS.md has the commands): a
 # model path of exactly 'small' or 'large' names them, unless a local directory of that name exists.
 BASE_MODELS_DIR = Path(__file__).resolve().parents[1] / "base_models"
-BASE_MODELS = ("small", "large")
+# fedtune's own books pair, and FedPT's small partner of smollm2-135m (its tokenizer, distilled
+# from its logits through the service: base_models/smollm2-partner/README.md)
+BASE_MODELS = ("small", "large", "smollm2-partner")
 
 PAD_PRESENT = "present"
 PAD_REUSED_EOS = "reused eos"
@@ -70,7 +72,7 @@ def is_plausible_hub_id(name: str) -> bool:
 
 
 def base_model_path(name: str) -> Path:
-    """The directory of an embedded base model ('small' or 'large'); loads offline as it is."""
+    """The directory of an embedded base model (:data:`BASE_MODELS`); loads offline as it is."""
     if name not in BASE_MODELS:
         raise ValueError(f"unknown base model {name!r}; expected one of {list(BASE_MODELS)}")
     return BASE_MODELS_DIR / name
@@ -81,10 +83,10 @@ def resolve_model_source(path_or_id: str | Path, cache_dir: str | Path | None = 
 
     A ``.gguf`` file is converted once into a cached model directory (:mod:`fedtune.models.gguf`,
     under ``cache_dir``) and that directory is returned; any other existing path is used as a
-    local directory; 'small' and 'large' (when no such directory exists) are the embedded base
-    models, 'smollm2-135m' the embedded real model (a GGUF inside an installed package). Anything
-    else must look like a hub id, so a mistyped local path gives a :class:`FileNotFoundError`
-    naming it instead of a hub error.
+    local directory; 'small', 'large' and 'smollm2-partner' (when no such directory exists) are
+    the embedded base models, 'smollm2-135m' the embedded real model (a GGUF inside an installed
+    package). Anything else must look like a hub id, so a mistyped local path gives a
+    :class:`FileNotFoundError` naming it instead of a hub error.
     """
     name = str(path_or_id)
     if Path(name).expanduser().exists():

@@ -15,7 +15,7 @@ from fedtune.configbase import check, check_choices, option
 
 DEVICE_TRAINERS = ("fedit", "fedavg", "fedkseed")
 LARGE_ACCESS = ("spawn", "url", "in-process")
-ANTI_EXPERTS = ("base", "round-start")
+ANTI_EXPERTS = ("base", "round-start", "distilled")
 DISTILL_DATA = ("generated", "jsonl")
 DISTILL_LOSSES = ("kl", "reverse-kl", "ce")
 
@@ -51,11 +51,18 @@ class FedPTConfig:
     alpha: float = option(1.0, "α in s_large + α (s_tuned - s_base) (1 in the FedPT and "
                                "proxy-tuning papers).")
     anti_expert: str = option(
-        "base",
+        "distilled",
         "s_base: 'base' keeps the original pre-trained small model for the whole run (the "
         "paper's s_small_base; the offset then carries everything learnt, distilled knowledge "
         "included); 'round-start' uses the small model broadcast at the start of the round, so "
-        "the offset carries only that round's device training.",
+        "the offset carries only that round's device training; 'distilled' starts from the "
+        "base small model and, whenever the student is distilled toward the proxy, distils it "
+        "by the same steps on the same sequences toward the bare large model (s_large, "
+        "recovered locally as s_proxy - alpha (s_tuned - s_base)), so the offset s_tuned - "
+        "s_base keeps carrying what devices learnt and the next proxy does not count "
+        "s_large - s_base twice (with distill = false it stays the base model). The default: "
+        "it beat both no distillation and the paper's 'base' on the books pair and on "
+        "SmolLM2 (BENCHMARKS.md, 'FedPT: which distillation').",
         ANTI_EXPERTS,
     )
     distill: bool = option(

@@ -122,6 +122,27 @@ def _student_logits(model: torch.nn.Module, batch: Sequence[Target], pad_id: int
 
 
 @torch.no_grad()
+def large_targets(targets: Sequence[Target], tuned: torch.nn.Module, base: torch.nn.Module, *,
+                  alpha: float, pad_id: int, vocab_size: int,
+                  batch_size: int = 8) -> list[Target]:
+    """The bare large model's logits at the positions of ``targets``, recovered without asking
+    for them: s_large = s̃ − α (s_tuned − s_base), with s̃ the proxy's logits that ``targets``
+    hold and ``tuned``, ``base`` the small models that were inside that proxy (run here on the
+    whole sequences; the proxy ran them step by step with caches, so the two agree to float32
+    rounding). What the anti-expert is distilled toward with ``anti_expert = 'distilled'``."""
+    out: list[Target] = []
+    for start in range(0, len(targets), batch_size):
+        batch = targets[start:start + batch_size]
+        s_tuned, proxy = _student_logits(tuned.eval(), batch, pad_id, vocab_size)
+        s_base, _ = _student_logits(base.eval(), batch, pad_id, vocab_size)
+        large = (proxy - alpha * (s_tuned - s_base)).cpu()
+        lengths = [len(t.logits) for t in batch]
+        for t, rows in zip(batch, large.split(lengths), strict=True):
+            out.append(Target(t.ids, t.prompt_len, rows))
+    return out
+
+
+@torch.no_grad()
 def mean_kl(model: torch.nn.Module, targets: Sequence[Target], *, temperature: float,
             pad_id: int, vocab_size: int, batch_size: int = 8, loss: str = "kl") -> float:
     """Position-weighted mean of the distillation loss over ``targets`` (no update)."""

@@ -33,7 +33,14 @@ import torch
 from fedtune import seeds
 from fedtune.algorithms.base import AcceptMean, Evaluate, ReplyInfo, SeedSteps, Server
 from fedtune.algorithms.fedpt.config import FedPTConfig
-from fedtune.algorithms.fedpt.distill import distill, distill_zo, mean_kl, teacher_targets
+from fedtune.algorithms.fedpt.distill import (
+    Target,
+    distill,
+    distill_zo,
+    large_targets,
+    mean_kl,
+    teacher_targets,
+)
 from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
 from fedtune.algorithms.fedpt.product import save_manifest
 from fedtune.algorithms.fedpt.proxy import ProxyModel
@@ -46,6 +53,7 @@ from fedtune.logits.service import ServiceProcess, spawn_service
 log = logging.getLogger(__name__)
 DISTILL_LOG = "fedpt_distill.json"
 _LOG_KEY = "fedpt_distill_log"  # the distillation log in checkpoints, one row per round
+_ANTI_PREFIX = "fedpt_anti_expert/"  # a distilled anti-expert's trained tensors in checkpoints
 _LOG_FIELDS = ("round", "sequences", "positions", "kl_before", "kl_after", "train_loss")
 
 
@@ -184,6 +192,9 @@ class FedPTServer:
         t, v = c.distill_temperature, proxy.vocab_size
         # progress is always reported as the KL at T (whatever the training loss)
         before = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
+        anti_targets = (large_targets(targets, frozen, self.anti_expert, alpha=c.alpha,
+                                      pad_id=self.pad_id, vocab_size=v)
+                        if c.anti_expert == "distilled" else None)
         params = [p for p in model.parameters() if p.requires_grad]
         seed = seeds.derive(c.distill_seed, "distill-steps", self.round)
         zo, weights = self.inner.seed_steps, self.inner.set_global
@@ -202,11 +213,47 @@ class FedPTServer:
         else:
             raise RuntimeError(f"distillation cannot update {self.inner.name}'s global state")
         after = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
+        if anti_targets is not None:
+            self._distill_anti_expert(anti_targets, seed, v)
         self.history.append({"round": self.round, "sequences": len(targets),
                              "positions": sum(len(t.logits) for t in targets),
                              "kl_before": before, "kl_after": after, "train_loss": loss})
         log.info("FedPT round %d: distilled on %d sequences, KL to the teacher %.4f -> %.4f",
                  self.round, len(targets), before, after)
+
+    def _anti_params(self) -> dict[str, torch.nn.Parameter]:
+        """The anti-expert's tensors that distillation trains: those the student trains (LoRA
+        adapters, or the whole model), so both move in the same space by the same rule."""
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self.anti_expert.named_parameters() if n in trained}
+
+    def _distill_anti_expert(self, targets: list[Target], seed: int, v: int) -> None:
+        """anti_expert = 'distilled': the student's step, toward the bare large model."""
+        c, anti = self.cfg, self.anti_expert
+        named = self._anti_params()
+        params = list(named.values())
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            t = c.distill_temperature
+            before = mean_kl(anti, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
+            zo = self.inner.seed_steps
+            if zo is not None:  # the student moved by zeroth-order steps: so does its anti-expert
+                distill_zo(anti, params, zo.pool, targets, steps=c.distill_zo_steps,
+                           batch_size=c.distill_batch_size, eps=zo.eps, lr=zo.lr,
+                           temperature=t, pad_id=self.pad_id, vocab_size=v,
+                           loss=c.distill_loss, seed=seed)
+            else:
+                distill(anti, params, targets, steps=c.distill_steps,
+                        batch_size=c.distill_batch_size, lr=c.distill_lr, temperature=t,
+                        pad_id=self.pad_id, vocab_size=v, loss=c.distill_loss, seed=seed)
+            after = mean_kl(anti, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+            anti.eval()
+        log.info("FedPT round %d: anti-expert distilled toward the large model, KL %.4f -> %.4f",
+                 self.round, before, after)
 
     def load_global(self, model: torch.nn.Module) -> None:
         self.inner.load_global(model)
@@ -217,12 +264,28 @@ class FedPTServer:
         state = self.inner.state_dict()
         state[_LOG_KEY] = torch.tensor([[row[k] for k in _LOG_FIELDS] for row in self.history],
                                        dtype=torch.float64).reshape(-1, len(_LOG_FIELDS))
+        if self.cfg.anti_expert == "distilled":
+            for n, p in self._anti_params().items():
+                state[_ANTI_PREFIX + n] = p.detach().clone()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         state = dict(state)
         rows = state.pop(_LOG_KEY, None)
+        anti = {k[len(_ANTI_PREFIX):]: state.pop(k) for k in list(state)
+                if k.startswith(_ANTI_PREFIX)}
         self.inner.load_state_dict(state)
+        if anti:
+            params = self._anti_params()
+            if set(anti) != set(params):
+                raise ValueError("checkpoint's distilled anti-expert does not match this model: "
+                                 f"{sorted(set(anti) ^ set(params))[:3]}")
+            with torch.no_grad():
+                for n, p in params.items():
+                    if anti[n].shape != p.shape:
+                        raise ValueError(f"checkpoint tensor {_ANTI_PREFIX + n!r} has shape "
+                                         f"{tuple(anti[n].shape)}, expected {tuple(p.shape)}")
+                    p.copy_(anti[n])
         if rows is not None:
             if rows.ndim != 2 or rows.shape[1] != len(_LOG_FIELDS):
                 raise ValueError(f"checkpoint tensor {_LOG_KEY!r} has shape {tuple(rows.shape)}")
