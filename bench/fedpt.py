@@ -252,9 +252,13 @@ def summarise(protocol: dict[str, Any], out: dict[str, Any]) -> dict[str, Any]:
         result["eval_loss"][arm] = a["eval_loss_final"]
         if a.get("small_rougeL_final") is not None:
             result["rougeL"][f"{arm}_small"] = a["small_rougeL_final"]
+    result["reference"] = {}
     for arm, ref in BASELINE.items():
+        if arm in out and ref not in out and "direct" in out:
+            ref = "direct"  # the upper reference: the large model tuned by FedIT
         if arm not in out or ref not in out:
             continue
+        result["reference"][arm] = ref
         direct = out[ref]
         result["rougeL"]["base_large"] = direct["rougeL_round0"]
         result["eval_loss"]["base_large"] = direct["eval_loss_round0"]
@@ -283,6 +287,9 @@ def _parallel(args: argparse.Namespace) -> dict[str, Any]:
         if running.pop(arm).returncode != 0:
             raise RuntimeError(f"arm {arm} failed")
         part = json.loads(stdout)
+        if args.keep:  # each arm's figures on disk as soon as it ends
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            (Path(args.keep) / f"{arm}.json").write_text(json.dumps(part, indent=1))
         protocol.update(part["protocol"])
         out.update(part["arms"])
 
@@ -333,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the arms in their own processes, --jobs at a time (same figures; "
                          "the wall and device times then share the cores)")
     ap.add_argument("--jobs", type=int, default=2, help="with --parallel: arms at a time")
+    ap.add_argument("--keep", metavar="DIR",
+                    help="with --parallel: write each arm's JSON to DIR/ARM.json when it ends")
     ap.add_argument("--cost-only", action="store_true",
                     help="only the device cost of one local round per arm, one arm at a time "
                          "(no federated runs): for timings on otherwise idle cores")

@@ -267,3 +267,52 @@ def test_distilling_on_the_full_logits_lowers_the_kl_too(tmp_path: Path, small_s
     kls = [h["val_kl"] for h in pretrain(cfg, progress=False).history]
     assert len(kls) == 2 and kls[-1] < 0.8 * kls[0], kls
     assert "on the full logits" in (tmp_path / "full" / "README.md").read_text()
+
+
+def test_a_second_stage_starts_from_the_init_models_weights(tmp_path: Path, small_service,
+                                                            monkeypatch) -> None:
+    """--init: a partner trained further (here with its teacher) keeps its architecture and
+    tokenizer and starts from its weights: step 0's validation loss is the init model's."""
+    monkeypatch.setenv("FEDTUNE_LOGITS_TOKEN", small_service.token)
+    corpus = _write_corpus(tmp_path)
+    init = pretrain(_cfg(corpus, tmp_path / "stage1", tokenizer="small", steps=4, lr=1e-2,
+                         tie_embeddings=True), progress=False)
+    cfg = _cfg(corpus, tmp_path / "stage2", init=str(init.out_dir), teacher=small_service.url,
+               hidden_size=64, num_layers=3, num_heads=4, steps=4, val_every=4)
+    res = pretrain(cfg, command="fedtune pretrain stage2", progress=False)
+    assert res.history[0]["val_loss"] == pytest.approx(init.val_loss, rel=1e-5)
+    a = AutoModelForCausalLM.from_pretrained(init.out_dir)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "stage2")
+    assert (b.config.hidden_size, b.config.num_hidden_layers) == (32, 2)  # the init's, not 64/3
+    assert b.config.tie_word_embeddings
+    assert not torch.equal(a.model.embed_tokens.weight, b.model.embed_tokens.weight)
+    card = (tmp_path / "stage2" / "README.md").read_text()
+    assert f"initialised from | `{init.out_dir}`" in card and "hidden 32, 2 layers" in card
+    with pytest.raises(ConfigError, match="block_size"):  # longer than the init's context
+        pretrain(_cfg(corpus, tmp_path / "stage3", init=str(init.out_dir), block_size=64),
+                 progress=False)
+
+
+def test_instruction_corpus_is_the_teachers_greedy_answers_in_the_chat_format(tmp_path: Path):
+    """python -m fedtune.models.instruct_corpus: the black box answers the server's prompts
+    through its service; each document is the chat-formatted prompt and that answer."""
+    from fedtune.logits import LocalLogits
+    from fedtune.models.instruct_corpus import greedy_ids, prompts_records
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_path("small")).eval()
+    tok = AutoTokenizer.from_pretrained(base_model_path("small"))
+    prompts = [tok(t)["input_ids"] for t in ("the cat sat", "rain falls on the", "a dog")]
+    got = greedy_ids(LocalLogits(model, tok), prompts, max_new_tokens=5, stop_ids=set(),
+                     pad_id=0)
+    for p, g in zip(prompts, got, strict=True):
+        want = model.generate(torch.tensor([p]), max_new_tokens=5, do_sample=False,
+                              pad_token_id=0)[0, len(p):].tolist()
+        assert g == want
+    first = [greedy_ids(LocalLogits(model, tok), prompts, max_new_tokens=5,
+                        stop_ids={g[0]}, pad_id=0) for g in got[:1]][0]
+    assert len(first[0]) == 1  # a row ends at its stop token, which it keeps
+    records = prompts_records(10, seed=1)
+    from fedtune.data.generated import HELDOUT_FAMILIES
+
+    assert len(records) == 10 and not {r.category for r in records} & set(HELDOUT_FAMILIES)
+    assert records == prompts_records(10, seed=1)

@@ -81,6 +81,13 @@ class PretrainConfig:
     vocab_size: int = option(4096, "Vocabulary size of a newly trained tokenizer (special tokens "
                              "included).")
     text_field: str = option("text", "JSONL field holding a document's text.")
+    init: str = option(
+        "", "Start from this model's weights instead of from scratch (a directory or built-in "
+            "name: a second stage, e.g. distilling a partner on instruction-formatted text): "
+            "its architecture and tied head are kept (hidden_size, num_layers, num_heads and "
+            "tie_embeddings are then unused), its tokenizer is reused unless tokenizer names "
+            "one with the same vocabulary, and block_size must fit its context. Empty: a new "
+            "model.")
     tie_embeddings: bool = option(False, "Share the input embedding and the output head (halves "
                                   "what a large vocabulary costs; SmolLM2 ties them).")
     teacher: str = option(
@@ -141,8 +148,9 @@ class PretrainConfig:
         check(self.vocab_size < 2**16 or bool(self.tokenizer), "vocab_size", self.vocab_size,
               "must be < 65536")
         check(self.lr > 0, "lr", self.lr, "must be > 0")
-        check(not self.teacher or bool(self.tokenizer), "tokenizer", self.tokenizer,
-              "a teacher needs its own tokenizer here (--tokenizer, e.g. the teacher's name)")
+        check(not self.teacher or bool(self.tokenizer) or bool(self.init), "tokenizer",
+              self.tokenizer, "a teacher needs its own tokenizer here (--tokenizer, e.g. the "
+              "teacher's name, or --init a model that has it)")
         check(0 <= self.teacher_weight <= 1, "teacher_weight", self.teacher_weight,
               "must be in [0, 1]")
         check(self.teacher_temperature > 0, "teacher_temperature", self.teacher_temperature,
@@ -292,7 +300,7 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 # Keys of the config that must not change when a run is resumed.
-_RESUME_KEYS = ("corpus", "tokenizer", "vocab_size", "text_field", "tie_embeddings",
+_RESUME_KEYS = ("corpus", "init", "tokenizer", "vocab_size", "text_field", "tie_embeddings",
                 "teacher_weight", "teacher_temperature", "teacher_top_k", "hidden_size",
                 "num_layers",
                 "num_heads", "block_size", "batch_size", "steps", "lr", "min_lr_ratio",
@@ -361,8 +369,9 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
 
     # 3. tokenizer: reused, resumed (saved in out_dir at the start), or trained now
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.tokenizer or state is not None:
-        tok_dir = resolve_model_source(cfg.tokenizer) if cfg.tokenizer else str(out)
+    if cfg.tokenizer or cfg.init or state is not None:
+        tok_dir = (resolve_model_source(cfg.tokenizer) if cfg.tokenizer else
+                   str(out) if state is not None else resolve_model_source(cfg.init))
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         for key in ("is_local", "local_files_only"):  # loading details, not tokenizer settings
             tokenizer.init_kwargs.pop(key, None)
@@ -395,9 +404,12 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, tie_embeddings=cfg.tie_embeddings,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config)
+    if cfg.init:
+        model = initial_model(cfg.init, len(tokenizer), cfg.block_size)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = LlamaForCausalLM(config)
     model.float().train()
     optimizer = build_optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -486,6 +498,11 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
         "train_tokens": len(train_tokens), "validation_tokens": len(val_tokens),
         "validation_blocks": len(val_starts), "steps": step, "tokens_seen": tokens_seen,
         "val_loss": round(val, 4), "parameters": n_params, "wall_s": round(wall, 1),
+        "architecture": {"hidden_size": model.config.hidden_size,
+                         "num_layers": model.config.num_hidden_layers,
+                         "num_heads": model.config.num_attention_heads,
+                         "mlp": model.config.intermediate_size,
+                         "tied": bool(model.config.tie_word_embeddings)},
         "seed": cfg.seed, "command": command, "config": dataclasses.asdict(cfg),
         "special_tokens": {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id,
                            "eos": tokenizer.eos_token_id},
@@ -497,6 +514,19 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
     logger.info("saved %s (%d parameters, validation loss %.4f, %d tokens seen, %.0f s)", out,
                 n_params, val, tokens_seen, wall)
     return PretrainResult(out, step, tokens_seen, val, n_params, wall, history)
+
+
+def initial_model(init: str, vocab: int, block_size: int) -> LlamaForCausalLM:
+    """The model a second stage starts from (``init``), checked against the tokenizer and the
+    block size it will be trained with."""
+    model = LlamaForCausalLM.from_pretrained(resolve_model_source(init), dtype=torch.float32)
+    if model.config.vocab_size < vocab:
+        raise ConfigError("init", init, f"has {model.config.vocab_size} embedding rows, fewer "
+                          f"than the tokenizer's {vocab} tokens")
+    if block_size > model.config.max_position_embeddings:
+        raise ConfigError("block_size", block_size, f"exceeds {init}'s context of "
+                          f"{model.config.max_position_embeddings} positions")
+    return model
 
 
 def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
@@ -518,6 +548,10 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, out:
 def model_card(s: dict[str, Any], vocab: int) -> str:
     """The README.md of a pre-trained model directory, from its ``training.json`` summary."""
     c = s["config"]
+    a = s.get("architecture") or {  # cards written before the architecture was recorded
+        "hidden_size": c["hidden_size"], "num_layers": c["num_layers"],
+        "num_heads": c["num_heads"], "mlp": 4 * c["hidden_size"],
+        "tied": bool(c.get("tie_embeddings"))}
     held = ", ".join(f"`{n}`" for n in s["validation_documents"])
     rows = [
         ("corpus", f"`{s['corpus']}`: {s['documents']} documents, {s['train_documents']} "
@@ -530,10 +564,9 @@ def model_card(s: dict[str, Any], vocab: int) -> str:
         ("validation loss", f"{s['val_loss']:.4f} nats/token (perplexity "
                             f"{math.exp(s['val_loss']):.1f})"),
         ("parameters", f"{s['parameters']:,}"),
-        ("architecture", f"Llama: hidden {c['hidden_size']}, {c['num_layers']} layers, "
-                         f"{c['num_heads']} heads, MLP {4 * c['hidden_size']}, context "
-                         f"{c['block_size']}, "
-                         f"{'tied' if c.get('tie_embeddings') else 'untied'} embeddings"),
+        ("architecture", f"Llama: hidden {a['hidden_size']}, {a['num_layers']} layers, "
+                         f"{a['num_heads']} heads, MLP {a['mlp']}, context "
+                         f"{c['block_size']}, {'tied' if a['tied'] else 'untied'} embeddings"),
         ("tokenizer", (f"reused from `{c['tokenizer']}`: {vocab} tokens; ids "
                        + ", ".join(f"{k} {v}" for k, v in s.get("special_tokens", {}).items())
                        + " (EOS between documents)") if c.get("tokenizer") else
@@ -545,6 +578,9 @@ def model_card(s: dict[str, Any], vocab: int) -> str:
         ("seed", str(s["seed"])),
         ("wall time", f"{s['wall_s']:.0f} s"),
     ]
+    if c.get("init"):
+        rows.insert(0, ("initialised from", f"`{c['init']}` (a second stage: its weights, "
+                                            "not a random initialisation)"))
     if c.get("teacher"):
         kl = [h["val_kl"] for h in s["history"] if "val_kl" in h]
         rows.insert(5, ("distilled from", (
@@ -558,9 +594,10 @@ def model_card(s: dict[str, Any], vocab: int) -> str:
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     curve = ", ".join(f"step {h['step']} {h['val_loss']:.3f}" for h in s["history"])
     how = " with distillation from a black-box teacher" if c.get("teacher") else ""
-    return f"""# fedtune base model ({c['hidden_size']} hidden, {c['num_layers']} layers)
+    start = f"trained further from `{c['init']}`" if c.get("init") else "pre-trained from scratch"
+    return f"""# fedtune base model ({a['hidden_size']} hidden, {a['num_layers']} layers)
 
-A Llama-style causal LM pre-trained from scratch by `fedtune pretrain`{how} (fp32 training; weights
+A Llama-style causal LM {start} by `fedtune pretrain`{how} (fp32 training; weights
 stored as float16 safetensors, loaded as float32). Loads offline as it is:
 
 ```python

@@ -69,6 +69,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                      help="reuse this model's tokenizer (a directory, e.g. a smaller model of "
                      "the family, or a built-in name such as smollm2-135m) instead of training "
                      "one")
+    size.add_argument("--init", metavar="MODEL", default="",
+                      help="start from this model's weights (a directory or built-in name) "
+                      "instead of a new model: a second stage, e.g. a partner distilled on "
+                      "instruction-formatted text; its architecture and tokenizer are kept")
     size.add_argument("--tie-embeddings", action="store_true",
                       help="share the input embedding and the output head (halves what a "
                       "large vocabulary costs)")
@@ -137,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     val_names = args.val_docs if isinstance(args.val_docs, list) else []
     val_count = args.val_docs if isinstance(args.val_docs, int) else 0
     return PretrainConfig(
-        corpus=args.corpus, out_dir=args.out, tokenizer=args.tokenizer,
+        corpus=args.corpus, out_dir=args.out, tokenizer=args.tokenizer, init=args.init,
         vocab_size=args.vocab_size, text_field=args.text_field,
         tie_embeddings=args.tie_embeddings, teacher=args.teacher,
         teacher_weight=args.teacher_weight, teacher_temperature=args.teacher_temperature,
