@@ -423,8 +423,10 @@ def _pretrain(cfg: PretrainConfig, command: str, progress: bool, stop_after: int
         wall_before, history = state["wall_s"], state["history"]
         logger.info("resumed at step %d (%d tokens seen)", step, tokens_seen)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model: %d parameters (hidden %d, %d layers, %d heads, vocab %d)", n_params,
-                cfg.hidden_size, cfg.num_layers, cfg.num_heads, len(tokenizer))
+    logger.info("model: %d parameters (hidden %d, %d layers, %d heads, vocab %d)%s", n_params,
+                model.config.hidden_size, model.config.num_hidden_layers,
+                model.config.num_attention_heads, len(tokenizer),
+                f", from {cfg.init}" if cfg.init else "")
 
     def checkpoint() -> None:
         _save_checkpoint(ckpt_path, {
@@ -567,9 +569,11 @@ def model_card(s: dict[str, Any], vocab: int) -> str:
         ("architecture", f"Llama: hidden {a['hidden_size']}, {a['num_layers']} layers, "
                          f"{a['num_heads']} heads, MLP {a['mlp']}, context "
                          f"{c['block_size']}, {'tied' if a['tied'] else 'untied'} embeddings"),
-        ("tokenizer", (f"reused from `{c['tokenizer']}`: {vocab} tokens; ids "
-                       + ", ".join(f"{k} {v}" for k, v in s.get("special_tokens", {}).items())
-                       + " (EOS between documents)") if c.get("tokenizer") else
+        ("tokenizer", (f"reused from `{c.get('tokenizer') or c.get('init')}`: {vocab} tokens; "
+                       "ids " + ", ".join(f"{k} {v}"
+                                          for k, v in s.get("special_tokens", {}).items())
+                       + " (EOS between documents)")
+         if c.get("tokenizer") or c.get("init") else
                       f"byte-level BPE, {vocab} tokens; `<pad>` 0, `<s>` 1, `</s>` 2 (between "
                       "documents), `<unk>` 3; encoding adds no special tokens"),
         ("optimizer", f"AdamW (0.9, 0.95), peak lr {c['lr']}, {c['warmup_steps']} warmup "
