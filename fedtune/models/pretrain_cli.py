@@ -27,6 +27,14 @@ examples (the embedded base models; exact commands in BENCHMARKS.md and each mod
   fedtune pretrain ../shared/data/pd-english-books/books.jsonl.gz \\
       --out fedtune/base_models/large --size large --tokenizer fedtune/base_models/small \\
       --steps 480 --checkpoint-dir /tmp/fedtune-ckpt/large
+  # FedPT's partner of a black box (smollm2-partner's card has the exact commands): its
+  # tokenizer and its logits through the service, then a second stage on its chat answers
+  fedtune pretrain ../shared/data/pd-english-books/books.jsonl.gz --out /tmp/partner-books \\
+      --tokenizer smollm2-135m --teacher smollm2-135m --tie-embeddings --hidden-size 192 \\
+      --layers 4 --heads 6
+  python -m fedtune.models.instruct_corpus --teacher smollm2-135m --out /tmp/chat.jsonl
+  fedtune pretrain /tmp/chat.jsonl --init /tmp/partner-books --teacher smollm2-135m \\
+      --out runs/partner --steps 60 --lr 1e-3 --val-docs 24 --val-blocks 4
   # continue after Ctrl-C or a crash: the same command plus --resume
   fedtune pretrain corpus/ --out runs/lm --steps 2000 --resume
 """
