@@ -140,7 +140,8 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def device_cost(arm: str, overrides: list[str], pair: str = "tiny") -> dict[str, Any]:
+def device_cost(arm: str, overrides: list[str], pair: str = "tiny",
+                extra: list[str] | None = None) -> dict[str, Any]:
     """One local round of ``arm``'s device side on client 0, in this (fresh) process."""
     import torch  # imports first: their memory is not the device's model
 
@@ -150,7 +151,7 @@ def device_cost(arm: str, overrides: list[str], pair: str = "tiny") -> dict[str,
     from fedtune.data.prompts import tokenize_records
     from fedtune.models.loading import load_model_and_tokenizer
 
-    cfg = load_config(None, overrides + arms(pair)[arm])
+    cfg = load_config(None, overrides + arms(pair)[arm] + (extra or []))  # as the run
     data = build_federated_data(cfg.data)
     _reset_peak_rss()
     rss0 = _status_mb("VmRSS")
@@ -181,16 +182,18 @@ def device_cost(arm: str, overrides: list[str], pair: str = "tiny") -> dict[str,
             "model_params": params}
 
 
-def _cost_in_subprocess(arm: str, overrides: list[str], pair: str = "tiny") -> dict[str, Any]:
+def _cost_in_subprocess(arm: str, overrides: list[str], pair: str = "tiny",
+                        extra: list[str] | None = None) -> dict[str, Any]:
     out = subprocess.run([sys.executable, "-m", "bench.fedpt", "--device-cost", arm,
-                          "--pair", pair, "--overrides", json.dumps(overrides)],
+                          "--pair", pair, "--overrides", json.dumps(overrides),
+                          "--set", *(extra or [])],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
 def _common(data: str, rounds: int, clients_per_round: int, eval_examples: int,
-            max_new_tokens: int, extra: list[str] | None = None) -> list[str]:
+            max_new_tokens: int) -> list[str]:
     if data == "dolly" and not DOLLY.is_file():
         raise FileNotFoundError(f"{DOLLY} is missing: the Dolly benchmark needs Dolly-15k")
     if data == "ni" and not NI.is_dir():
@@ -198,7 +201,7 @@ def _common(data: str, rounds: int, clients_per_round: int, eval_examples: int,
     return DATA[data] + COMMON + [
         f"federation.rounds={rounds}", f"federation.clients_per_round={clients_per_round}",
         f"evaluation.max_examples={eval_examples}",
-        f"evaluation.max_new_tokens={max_new_tokens}"] + (extra or [])
+        f"evaluation.max_new_tokens={max_new_tokens}"]
 
 
 def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
@@ -208,7 +211,7 @@ def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
     from fedtune.metrics import read_metrics
     from fedtune.runner import run
 
-    common = _common(data, rounds, clients_per_round, eval_examples, max_new_tokens, extra)
+    common = _common(data, rounds, clients_per_round, eval_examples, max_new_tokens)
     settings = arms(pair)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,7 +233,7 @@ def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
                 "distillation": json.loads(distill_log.read_text())
                 if distill_log.is_file() else None,
                 "settings": settings[arm]}
-            out[arm]["device"] = _cost_in_subprocess(arm, common, pair)
+            out[arm]["device"] = _cost_in_subprocess(arm, common, pair, extra)
             log.warning("arm %s: %s", arm, json.dumps({k: v for k, v in out[arm].items()
                                                        if k not in ("settings", "distillation")}))
     return summarise({"data": data, "pair": pair, "rounds": rounds,
@@ -351,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     extra = list(args.set) + ([f"model.threads={args.threads}"] if args.threads else [])
     if args.device_cost:
-        print(json.dumps(device_cost(args.device_cost, json.loads(args.overrides), args.pair)))
+        print(json.dumps(device_cost(args.device_cost, json.loads(args.overrides), args.pair,
+                                     extra)))
         return 0
     if args.arms is None:
         args.arms = ",".join(REAL_ARMS if args.pair == "real" else
@@ -360,8 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.clients_per_round, args.eval_examples, args.max_new_tokens = 2, 3, 20, 24
     if args.cost_only:
         common = _common(args.data, args.rounds, args.clients_per_round, args.eval_examples,
-                         args.max_new_tokens, extra)
-        costs = {arm: _cost_in_subprocess(arm, common, args.pair)
+                         args.max_new_tokens)
+        costs = {arm: _cost_in_subprocess(arm, common, args.pair, extra)
                  for arm in args.arms.split(",")}
         if args.json:
             print(json.dumps(costs, indent=1))

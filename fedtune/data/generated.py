@@ -273,3 +273,10 @@ def generate_suite(per_family: int, seed: int) -> list[Record]:
     if per_family < 1:
         raise ValueError(f"per_family must be >= 1, got {per_family}")
     return [r for name in FAMILIES for r in generate_family(name, per_family, seed)]
+
+
+def training_suite(per_family: int, seed: int) -> list[Record]:
+    """:func:`generate_suite` without the families held out for evaluation
+    (:data:`HELDOUT_FAMILIES`): what a server may hold as its own prompts."""
+    return [r for name in FAMILIES if name not in HELDOUT_FAMILIES
+            for r in generate_family(name, per_family, seed)]

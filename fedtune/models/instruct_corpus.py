@@ -55,11 +55,9 @@ def greedy_ids(source: LogitsSource, prompts: Sequence[Sequence[int]], *, max_ne
 
 def prompts_records(n: int, seed: int) -> list[Any]:
     """``n`` prompts of the generated suite's training families (the FedPT server's pool)."""
-    from fedtune.data.generated import FAMILIES, HELDOUT_FAMILIES, generate_family
+    from fedtune.data.generated import FAMILIES, HELDOUT_FAMILIES, training_suite
 
-    names = [f for f in FAMILIES if f not in HELDOUT_FAMILIES]
-    per = -(-n // len(names))
-    pool = [r for name in names for r in generate_family(name, per, seed)]
+    pool = training_suite(-(-n // (len(FAMILIES) - len(HELDOUT_FAMILIES))), seed)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
     return [pool[i] for i in order[:n]]
 

@@ -127,14 +127,15 @@ def large_targets(targets: Sequence[Target], tuned: torch.nn.Module, base: torch
                   batch_size: int = 8) -> list[Target]:
     """The bare large model's logits at the positions of ``targets``, recovered without asking
     for them: s_large = s̃ − α (s_tuned − s_base), with s̃ the proxy's logits that ``targets``
-    hold and ``tuned``, ``base`` the small models that were inside that proxy (run here on the
-    whole sequences; the proxy ran them step by step with caches, so the two agree to float32
-    rounding). What the anti-expert is distilled toward with ``anti_expert = 'distilled'``."""
+    hold and ``tuned``, ``base`` the small models that were inside that proxy, in eval mode (run
+    here on the whole sequences; the proxy ran them step by step with caches, so the two agree
+    to float32 rounding). What the anti-expert is distilled toward with
+    ``anti_expert = 'distilled'``."""
     out: list[Target] = []
     for start in range(0, len(targets), batch_size):
         batch = targets[start:start + batch_size]
-        s_tuned, proxy = _student_logits(tuned.eval(), batch, pad_id, vocab_size)
-        s_base, _ = _student_logits(base.eval(), batch, pad_id, vocab_size)
+        s_tuned, proxy = _student_logits(tuned, batch, pad_id, vocab_size)
+        s_base, _ = _student_logits(base, batch, pad_id, vocab_size)
         large = (proxy - alpha * (s_tuned - s_base)).cpu()
         lengths = [len(t.logits) for t in batch]
         for t, rows in zip(batch, large.split(lengths), strict=True):

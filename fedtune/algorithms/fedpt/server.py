@@ -73,11 +73,9 @@ def distill_records(cfg: Any) -> list[Record]:
                                      "'instruction'")
                 out.append(Record(row["instruction"], str(row.get("input") or ""), ""))
         return out
-    from fedtune.data.generated import FAMILIES, HELDOUT_FAMILIES, generate_family
+    from fedtune.data.generated import FAMILIES, training_suite
 
-    per_family = max(4, -(-2 * cfg.distill_prompts // len(FAMILIES)))
-    return [r for name in FAMILIES if name not in HELDOUT_FAMILIES
-            for r in generate_family(name, per_family, cfg.distill_seed)]
+    return training_suite(max(4, -(-2 * cfg.distill_prompts // len(FAMILIES))), cfg.distill_seed)
 
 
 class FedPTServer:
@@ -198,20 +196,14 @@ class FedPTServer:
         params = [p for p in model.parameters() if p.requires_grad]
         seed = seeds.derive(c.distill_seed, "distill-steps", self.round)
         zo, weights = self.inner.seed_steps, self.inner.set_global
-        if zo is not None:  # FedKSeed devices: steps along the pool's seeds, folded into A
-            sums, loss = distill_zo(model, params, zo.pool, targets,
-                                    steps=c.distill_zo_steps, batch_size=c.distill_batch_size,
-                                    eps=zo.eps, lr=zo.lr, temperature=t, pad_id=self.pad_id,
-                                    vocab_size=v, loss=c.distill_loss, seed=seed)
+        if zo is None and weights is None:
+            raise RuntimeError(f"distillation cannot update {self.inner.name}'s global state")
+        sums, loss = self._distill_steps(model, params, targets, seed, v)
+        if zo is not None and sums is not None:  # FedKSeed devices: the steps folded into A
             zo.add_server_steps(sums)
             self.inner.load_global(model)  # what devices rebuild from the accumulators
         elif weights is not None:
-            loss = distill(model, params, targets, steps=c.distill_steps,
-                           batch_size=c.distill_batch_size, lr=c.distill_lr, temperature=t,
-                           pad_id=self.pad_id, vocab_size=v, loss=c.distill_loss, seed=seed)
             weights(model)  # the distilled student is the next round's global small model
-        else:
-            raise RuntimeError(f"distillation cannot update {self.inner.name}'s global state")
         after = mean_kl(model, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
         if anti_targets is not None:
             self._distill_anti_expert(anti_targets, seed, v)
@@ -221,6 +213,22 @@ class FedPTServer:
         log.info("FedPT round %d: distilled on %d sequences, KL to the teacher %.4f -> %.4f",
                  self.round, len(targets), before, after)
 
+    def _distill_steps(self, model: torch.nn.Module, params: list[torch.nn.Parameter],
+                       targets: list[Target], seed: int, v: int
+                       ) -> tuple[dict[int, float] | None, float]:
+        """Train ``params`` of ``model`` toward ``targets``: with FedKSeed devices by
+        zeroth-order steps along the pool's seeds (returning their sums of g), else by AdamW
+        (None). Returns (sums, mean loss)."""
+        c, zo = self.cfg, self.inner.seed_steps
+        kw: dict[str, Any] = {"batch_size": c.distill_batch_size,
+                              "temperature": c.distill_temperature, "pad_id": self.pad_id,
+                              "vocab_size": v, "loss": c.distill_loss, "seed": seed}
+        if zo is not None:
+            return distill_zo(model, params, zo.pool, targets, steps=c.distill_zo_steps,
+                              eps=zo.eps, lr=zo.lr, **kw)
+        return None, distill(model, params, targets, steps=c.distill_steps, lr=c.distill_lr,
+                             **kw)
+
     def _anti_params(self) -> dict[str, torch.nn.Parameter]:
         """The anti-expert's tensors that distillation trains: those the student trains (LoRA
         adapters, or the whole model), so both move in the same space by the same rule."""
@@ -229,24 +237,15 @@ class FedPTServer:
 
     def _distill_anti_expert(self, targets: list[Target], seed: int, v: int) -> None:
         """anti_expert = 'distilled': the student's step, toward the bare large model."""
-        c, anti = self.cfg, self.anti_expert
-        named = self._anti_params()
-        params = list(named.values())
+        anti, t = self.anti_expert, self.cfg.distill_temperature
+        params = list(self._anti_params().values())
         for p in params:
             p.requires_grad_(True)
         try:
-            t = c.distill_temperature
             before = mean_kl(anti, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
-            zo = self.inner.seed_steps
-            if zo is not None:  # the student moved by zeroth-order steps: so does its anti-expert
-                distill_zo(anti, params, zo.pool, targets, steps=c.distill_zo_steps,
-                           batch_size=c.distill_batch_size, eps=zo.eps, lr=zo.lr,
-                           temperature=t, pad_id=self.pad_id, vocab_size=v,
-                           loss=c.distill_loss, seed=seed)
-            else:
-                distill(anti, params, targets, steps=c.distill_steps,
-                        batch_size=c.distill_batch_size, lr=c.distill_lr, temperature=t,
-                        pad_id=self.pad_id, vocab_size=v, loss=c.distill_loss, seed=seed)
+            # the student's own rule (zeroth-order steps with FedKSeed devices); the sums of a
+            # server-only model go nowhere
+            self._distill_steps(anti, params, targets, seed, v)
             after = mean_kl(anti, targets, temperature=t, pad_id=self.pad_id, vocab_size=v)
         finally:
             for p in params:
