@@ -57,7 +57,8 @@ def test_top_k_kl_by_hand_and_against_the_full_kl():
     full = float(kl_to_teacher(teacher, student, 1.0))
     assert float(kl_top_k(top_logits(teacher, 50), student)) == pytest.approx(full, rel=1e-5)
     bounds = [float(kl_top_k(top_logits(teacher, k), student)) for k in (1, 4, 16, 50)]
-    assert all(b <= full * (1 + 1e-6) for b in bounds) and bounds[-1] > bounds[0]
+    # a lower bound up to float32 rounding (k = 50 equals the full KL to rel 1e-5, above)
+    assert all(b <= full * (1 + 1e-5) for b in bounds) and bounds[-1] > bounds[0]
     with_grad = student.clone().requires_grad_()
     kl_top_k(top_logits(teacher, 8), with_grad).backward()
     assert with_grad.grad is not None and bool(torch.isfinite(with_grad.grad).all())

@@ -17,9 +17,9 @@ def params(*shapes, seed=0):
 def test_generator_golden_values():
     # pins generator version 1: changing it would change every FedKSeed model ever replayed
     assert param_seed(0, 0) == 7896617691693857887
-    assert z_for(0, 0, (4,)).tolist() == pytest.approx(
+    assert z_for(0, 0, (4,), 1).tolist() == pytest.approx(
         [0.9956191182136536, 0.2642376720905304, 1.5361659526824951, 1.3092256784439087])
-    assert z_for(7, 3, (2, 2)).flatten().tolist() == pytest.approx(
+    assert z_for(7, 3, (2, 2), 1).flatten().tolist() == pytest.approx(
         [0.5187588930130005, 2.42089581489563, -1.1791136264801025, -1.3524894714355469])
     assert 0 <= param_seed(2**62, 10**6) < 2**63
 

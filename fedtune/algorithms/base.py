@@ -31,6 +31,7 @@ from fedtune.data.records import Record
 
 if TYPE_CHECKING:
     from fedtune.algorithms.config import AlgorithmConfig
+    from fedtune.zo.spec import ZSpec
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ class SeedSteps(Protocol):
 
     @property
     def eps(self) -> float: ...
+
+    @property
+    def z(self) -> ZSpec: ...
 
     def add_server_steps(self, sum_g: Mapping[int, float]) -> None: ...
 

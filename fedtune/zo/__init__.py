@@ -11,7 +11,8 @@ from fedtune.zo.perturb import (
     replay_,
     z_for,
 )
+from fedtune.zo.spec import ZSpec, replay_z_
 from fedtune.zo.step import ZOStep, zo_loss, zo_step, zo_step_on
 
 __all__ = ["add_z_", "fill_z_", "new_z_buffer", "param_seed", "perturb_", "replay_",
-           "z_for", "ZOStep", "zo_loss", "zo_step", "zo_step_on"]
+           "z_for", "ZSpec", "replay_z_", "ZOStep", "zo_loss", "zo_step", "zo_step_on"]

@@ -1,6 +1,14 @@
 """The perturbation z(s) of zeroth-order training, and the in-place maths built on it.
 
-Generator (version 1; changing it changes every FedKSeed model ever replayed):
+Two generators; the version travels with every seed log, checkpoint and FedKSeed message, and a
+log replays with the version it was made with.
+
+Version 2 (the default): Philox4x32-10 counters and an exact-operation Box-Muller, documented
+bit for bit in :mod:`fedtune.zo.philox`. Every value is a function of (seed, parameter index,
+position), so every parameter is cut into pages that all threads share, and a CUDA parameter is
+drawn on its device.
+
+Version 1 (runs made before version 2; changing it changes every such model ever replayed):
 
     ps(s, i) = SeedSequence([s, i]).generate_state(1, uint64)[0] >> 1      (a 63-bit integer)
     z(s)_i   = torch.randn(shape_i, generator=torch.Generator("cpu").manual_seed(ps(s, i)),
@@ -52,7 +60,11 @@ from functools import lru_cache, partial
 import numpy as np
 import torch
 
-GENERATOR_VERSION = 1
+from fedtune.zo import philox
+
+GENERATOR_VERSION = 2  # what new runs use
+GENERATORS = (1, 2)
+PIECE = 1 << 18  # values of a version-2 task: a parameter is cut into pieces for the threads
 CHUNK = 32752  # a multiple of 16; CHUNK + 15 <= 32768, torch's intra-op grain size
 _MIN_TAIL = 16  # a chunk shorter than this would take normal_'s scalar path: merge it
 
@@ -70,8 +82,17 @@ def _generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(param_seed(seed, index))
 
 
-def z_for(seed: int, index: int, shape: Sequence[int] | torch.Size) -> torch.Tensor:
+def check_version(version: int) -> int:
+    if version not in GENERATORS:
+        raise ValueError(f"unknown z generator version {version!r}; known: {GENERATORS}")
+    return version
+
+
+def z_for(seed: int, index: int, shape: Sequence[int] | torch.Size,
+          version: int = GENERATOR_VERSION) -> torch.Tensor:
     """z(seed) restricted to parameter ``index``: float32 on the CPU, of ``shape``."""
+    if check_version(version) == 2:
+        return philox.fill_(torch.empty(tuple(shape), dtype=torch.float32), seed, index)
     return torch.randn(tuple(shape), generator=_generator(seed, index), dtype=torch.float32)
 
 
@@ -92,7 +113,7 @@ def chunk_bounds(n: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
 def chunked_draws_exact() -> bool:
     """Whether chunked ``normal_`` draws equal one whole draw on this torch (checked once)."""
     for n in (3 * 48 + 5, 2 * 48 + 21, 64, 20):  # a merged tail, a long odd tail, even, one
-        whole = z_for(12345, 6, (n,))
+        whole = z_for(12345, 6, (n,), 1)
         gen, part = _generator(12345, 6), torch.empty(n)
         for a, b in chunk_bounds(n, 48):
             part[a:b].normal_(generator=gen)
@@ -156,10 +177,51 @@ def _chunkable(p: torch.Tensor) -> bool:
 
 # -- the in-place operations --------------------------------------------------------------------
 
+def _pieces(n: int) -> list[tuple[int, int]]:
+    """[start, end) pieces of a version-2 parameter: ``PIECE`` long, starts multiples of 4."""
+    return [(a, min(a + PIECE, n)) for a in range(0, n, PIECE)]
+
+
+def _v2_tasks(params: Sequence[torch.Tensor], one: Callable[..., None], *args: object
+              ) -> list[tuple[int, Callable[[], None]]]:
+    """Version-2 tasks: ``one(p_flat, index, start, end, *args)`` per piece of each CPU
+    parameter, one task for a whole parameter elsewhere (a CUDA tensor: drawn on its device)."""
+    tasks: list[tuple[int, Callable[[], None]]] = []
+    for i, p in enumerate(params):
+        if p.device.type == "cpu" and p.is_contiguous():
+            flat = p.view(-1)
+            tasks += [(b - a, partial(one, flat, i, a, b, *args)) for a, b in _pieces(p.numel())]
+        else:
+            tasks.append((p.numel(), partial(one, p, i, 0, p.numel(), *args)))
+    return tasks
+
+
+def _whole(p: torch.Tensor, a: int, b: int) -> bool:
+    """Whether a version-2 task covers a whole non-CPU or non-contiguous parameter."""
+    return not (p.device.type == "cpu" and p.dim() == 1 and p.is_contiguous())
+
+
+@torch.no_grad()
+def _perturb_v2(p: torch.Tensor, index: int, a: int, b: int, seed: int, scale: float) -> None:
+    if _whole(p, a, b):
+        p.add_(philox.draw_torch(p.numel(), seed, index, device=p.device).view(p.shape),
+               alpha=scale)
+        return
+    for c, e in chunk_bounds_v2(a, b):
+        z = _scratch(e - c)
+        philox.fill_(z, seed, index, offset=c)
+        p[c:e].add_(z, alpha=scale)
+
+
+def chunk_bounds_v2(a: int, b: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
+    """[start, end) chunks of the piece [a, b): starts stay multiples of 4."""
+    return [(c, min(c + chunk, b)) for c in range(a, b, chunk)]
+
+
 @torch.no_grad()  # grad mode is per thread: set it in the worker
 def _perturb_one(p: torch.Tensor, seed: int, index: int, scale: float) -> None:
     if not _chunkable(p):
-        p.add_(z_for(seed, index, p.shape).to(p.device), alpha=scale)
+        p.add_(z_for(seed, index, p.shape, 1).to(p.device), alpha=scale)
         return
     gen, flat = _generator(seed, index), p.view(-1)
     for a, b in chunk_bounds(flat.numel()):
@@ -170,14 +232,37 @@ def _perturb_one(p: torch.Tensor, seed: int, index: int, scale: float) -> None:
 
 @torch.no_grad()
 def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
-             workers: int | None = None) -> None:
-    """θ ← θ + scale · z(seed), in place, in parallel over parameters (bitwise as sequential).
+             workers: int | None = None, version: int = GENERATOR_VERSION) -> None:
+    """θ ← θ + scale · z(seed), in place, in parallel (bitwise as sequential).
 
     z is drawn a chunk at a time into a per-thread scratch buffer: no full-size z in memory.
+    Version 1 parallelises over parameters, version 2 over pieces of every parameter.
     """
     _check_fp32(params)
+    if check_version(version) == 2:
+        _run(_v2_tasks(params, _perturb_v2, seed, scale), workers)
+        return
     _run([(p.numel(), partial(_perturb_one, p, seed, i, scale))
           for i, p in enumerate(params)], workers)
+
+
+@torch.no_grad()
+def _replay_v2(p: torch.Tensor, index: int, a: int, b: int, seeds: Sequence[int],
+               coeffs: Sequence[float]) -> None:
+    if _whole(p, a, b):
+        acc = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        for s, c in zip(seeds, coeffs, strict=True):
+            acc.add_(philox.draw_torch(p.numel(), s, index, device=p.device).view(p.shape),
+                     alpha=c)
+        p.add_(acc)
+        return
+    for c0, e in chunk_bounds_v2(a, b):
+        z, acc = _scratch(e - c0, 0), _scratch(e - c0, 1)
+        acc.zero_()
+        for s, c in zip(seeds, coeffs, strict=True):
+            philox.fill_(z, s, index, offset=c0)
+            acc.add_(z, alpha=c)
+        p[c0:e].add_(acc)
 
 
 @torch.no_grad()  # grad mode is per thread: set it in the worker
@@ -186,7 +271,7 @@ def _replay_one(p: torch.Tensor, index: int, seeds: Sequence[int],
     if not _chunkable(p):
         acc = torch.zeros(p.shape, dtype=torch.float32)
         for s, c in zip(seeds, coeffs, strict=True):
-            acc.add_(z_for(s, index, p.shape), alpha=c)
+            acc.add_(z_for(s, index, p.shape, 1), alpha=c)
         p.add_(acc.to(p.device))
         return
     gens = [_generator(s, index) for s in seeds]
@@ -202,20 +287,24 @@ def _replay_one(p: torch.Tensor, index: int, seeds: Sequence[int],
 
 @torch.no_grad()
 def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], *,
-            workers: int | None = None) -> None:
-    """θ ← θ + Σ_s coeffs[s] · z(s), fused per parameter, in parallel over parameters.
+            workers: int | None = None, version: int = GENERATOR_VERSION) -> None:
+    """θ ← θ + Σ_s coeffs[s] · z(s), fused per parameter (piece), in parallel.
 
     For each parameter, acc = Σ_s c_s z(s)_i is accumulated in float32 over the seeds in
     ascending order (so the result does not depend on the mapping's order: two replays of the
     same coefficients are bitwise equal, whatever ``workers``), then added to θ once. Seeds with
     a zero coefficient are skipped (they add exactly nothing). FedKSeed calls this with
-    c_j = −lr · A_j. Memory: two chunk-sized buffers and one generator per seed per thread.
+    c_j = −lr · A_j. Memory: two chunk-sized buffers (and, version 1, one generator per seed) per
+    thread.
     """
     _check_fp32(params)
     seeds = sorted(s for s, c in coeffs.items() if c != 0.0)
     if not seeds:
         return
     cs = [float(coeffs[s]) for s in seeds]
+    if check_version(version) == 2:
+        _run(_v2_tasks(params, _replay_v2, seeds, cs), workers)
+        return
     _run([(p.numel(), partial(_replay_one, p, i, seeds, cs))
           for i, p in enumerate(params)], workers)
 
@@ -232,13 +321,25 @@ def _fill_one(buf: torch.Tensor, seed: int, index: int) -> None:
     if buf.device.type == "cpu" and buf.is_contiguous():
         buf.normal_(generator=_generator(seed, index))  # exactly torch.randn(shape, generator)
     else:
-        buf.copy_(z_for(seed, index, buf.shape))
+        buf.copy_(z_for(seed, index, buf.shape, 1))
 
 
 @torch.no_grad()
-def fill_z_(buffers: Sequence[torch.Tensor], seed: int, *, workers: int | None = None) -> None:
-    """buffers[i] ← z(seed)_i (bitwise :func:`z_for`), in parallel over parameters."""
+def _fill_v2(buf: torch.Tensor, index: int, a: int, b: int, seed: int) -> None:
+    if _whole(buf, a, b):
+        buf.copy_(philox.draw_torch(buf.numel(), seed, index, device=buf.device).view(buf.shape))
+    else:
+        philox.fill_(buf[a:b], seed, index, offset=a)
+
+
+@torch.no_grad()
+def fill_z_(buffers: Sequence[torch.Tensor], seed: int, *, workers: int | None = None,
+            version: int = GENERATOR_VERSION) -> None:
+    """buffers[i] ← z(seed)_i (bitwise :func:`z_for`), in parallel."""
     _check_fp32(buffers)
+    if check_version(version) == 2:
+        _run(_v2_tasks(buffers, _fill_v2, seed), workers)
+        return
     _run([(b.numel(), partial(_fill_one, b, seed, i)) for i, b in enumerate(buffers)],
          workers)
 

@@ -31,7 +31,11 @@ from typing import NamedTuple
 
 import torch
 
+from fedtune.zo import lowrank
 from fedtune.zo.perturb import add_z_, fill_z_, new_z_buffer, perturb_
+from fedtune.zo.spec import ZSpec
+
+DEFAULT = ZSpec()
 
 
 class ZOStep(NamedTuple):
@@ -51,7 +55,8 @@ def zo_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
 def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
             batch: Mapping[str, torch.Tensor], seed: int, eps: float, lr: float, *,
             keep_z: bool = False, z_buffer: Sequence[torch.Tensor] | None = None,
-            workers: int | None = None, g_max: float = 0.0) -> ZOStep | None:
+            workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT
+            ) -> ZOStep | None:
     """One ZO-SGD step on ``params`` (the model's trainable parameters, in index order).
 
     Returns (g, (L⁺ + L⁻) / 2), or None when L⁺ or L⁻ is not finite: then θ is restored with
@@ -60,31 +65,39 @@ def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
     ``keep_z``: draw z once and keep it (see the module doc); ``z_buffer`` (shaped like
     ``params``, float32, from :func:`~fedtune.zo.perturb.new_z_buffer`) avoids allocating it
     every step and implies ``keep_z``. ``workers``: threads for drawing z (default
-    ``torch.get_num_threads()``). Neither changes a single bit of the result.
+    ``torch.get_num_threads()``). Neither changes a single bit of the result. ``spec``: which z
+    (generator version, dense or low-rank); a low-rank z is always kept, as its factors.
     """
     if model.training:
         raise RuntimeError("zo_step needs the model in eval() mode (dropout off)")
     return zo_step_on(lambda: zo_loss(model, batch), params, seed, eps, lr,
-                      keep_z=keep_z, z_buffer=z_buffer, workers=workers, g_max=g_max)
+                      keep_z=keep_z, z_buffer=z_buffer, workers=workers, g_max=g_max,
+                      spec=spec)
 
 
 @torch.no_grad()
 def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], seed: int,
                eps: float, lr: float, *, keep_z: bool = False,
                z_buffer: Sequence[torch.Tensor] | None = None,
-               workers: int | None = None, g_max: float = 0.0) -> ZOStep | None:
+               workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT
+               ) -> ZOStep | None:
     """:func:`zo_step` for any scalar ``objective`` of ``params`` (evaluated at θ ± εz; it must
     be deterministic, e.g. a model in ``eval()`` mode on a fixed batch): the language-model loss
     on devices, the distillation loss on a FedPT server."""
+    if spec.lowrank:
+        drawn = lowrank.draw(params, seed, spec.rank)
+        return _two_point(objective, eps, lr,
+                          lambda scale: lowrank.add_(params, drawn, scale, spec.rank), g_max)
     if keep_z or z_buffer is not None:
         z = list(z_buffer) if z_buffer is not None else new_z_buffer(params)
         if len(z) != len(params) or any(
                 a.shape != b.shape for a, b in zip(z, params, strict=True)):
             raise ValueError("z_buffer must hold one tensor shaped like each parameter")
-        fill_z_(z, seed, workers=workers)
+        fill_z_(z, seed, workers=workers, version=spec.generator)
         return _two_point(objective, eps, lr, lambda scale: add_z_(params, z, scale), g_max)
     return _two_point(objective, eps, lr,
-                      lambda scale: perturb_(params, seed, scale, workers=workers), g_max)
+                      lambda scale: perturb_(params, seed, scale, workers=workers,
+                                             version=spec.generator), g_max)
 
 
 def _two_point(objective: Callable[[], float], eps: float, lr: float,

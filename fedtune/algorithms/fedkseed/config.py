@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.configbase import check, option
+from fedtune.zo.spec import KINDS, ZSpec
 
 MAX_K_SEEDS = 1 << 20
 
@@ -36,6 +37,17 @@ class FedKSeedConfig:
                "memory). Bitwise the same result either way.")
     seed: int = option(0, "Run seed the K pool seeds derive from (shared by server and clients, "
                           "never sent).")
+    generator: int = option(
+        2, "Version of the generator of z(s): 2 (Philox4x32-10 counters, every core shares "
+           "every tensor, CUDA tensors drawn on the device; fedtune.zo.philox documents it bit "
+           "for bit) or 1 (torch's CPU generator per (seed, parameter): runs made before "
+           "version 2). The seed log, checkpoints and messages carry it; a mismatch is refused.")
+    perturbation: str = option(
+        "dense", "z(s) on every weight matrix: 'dense' (the paper's) or 'lowrank' (z = U V^T / "
+                 "sqrt(rank) with U, V drawn from the seed, as in LOZO: a step draws (m + n) r "
+                 "values instead of m n, and a rebuild is one matrix product per matrix). "
+                 "Needs generator 2.")
+    rank: int = option(4, "r of perturbation = 'lowrank' (ignored when dense).")
     g_max: float = option(
         1000.0, "Bounded influence: devices clip each projected gradient g to [-g_max, g_max] "
                 "and the server refuses a reply whose per-seed sums could not come from tau "
@@ -56,3 +68,15 @@ class FedKSeedConfig:
         check(self.temperature > 0, f"{prefix}.temperature", self.temperature, "must be > 0")
         check(self.seed >= 0, f"{prefix}.seed", self.seed, "must be >= 0")
         check(self.g_max >= 0, f"{prefix}.g_max", self.g_max, "must be >= 0 (0: off)")
+        check(self.generator in (1, 2), f"{prefix}.generator", self.generator, "must be 1 or 2")
+        check(self.perturbation in KINDS, f"{prefix}.perturbation", self.perturbation,
+              f"must be one of {', '.join(KINDS)}")
+        check(self.rank >= 1, f"{prefix}.rank", self.rank, "must be >= 1")
+        check(self.perturbation == "dense" or self.generator == 2, f"{prefix}.perturbation",
+              self.perturbation, "low-rank perturbations need generator = 2")
+
+    @property
+    def spec(self) -> ZSpec:
+        """The z of this config (generator, dense or low-rank, rank)."""
+        return ZSpec(self.generator, self.perturbation,
+                     self.rank if self.perturbation == "lowrank" else 0)

@@ -39,7 +39,10 @@ from fedtune.algorithms.params import trainable
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.wire import MessageError
 from fedtune.zo.perturb import new_z_buffer
+from fedtune.zo.spec import ZSpec
 from fedtune.zo.step import zo_step
+
+DEFAULT_Z = ZSpec()
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,8 @@ def draw_seed_indices(k_seeds: int, tau: int, seed: int,
 def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Sequence[int],
                    examples: Sequence[TokenizedExample], *, tau: int, batch_size: int,
                    eps: float, lr: float, clip: float, pad_id: int, seed: int,
-                   probs: np.ndarray | None = None, keep_z: bool = False, g_max: float = 0.0
-                   ) -> tuple[SeedStats, float, int]:
+                   probs: np.ndarray | None = None, keep_z: bool = False, g_max: float = 0.0,
+                   z: ZSpec = DEFAULT_Z) -> tuple[SeedStats, float, int]:
     """τ ZO-SGD steps on ``params`` in place; return (per-seed stats, mean loss, skipped steps).
 
     ``keep_z`` trades one float32 copy of ``params`` for two fewer generations of z per step.
@@ -81,11 +84,11 @@ def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool:
     """
     indices = draw_seed_indices(len(pool), tau, seed, probs)
     stats = SeedStats()
-    z_buffer = new_z_buffer(params) if keep_z else None
+    z_buffer = new_z_buffer(params) if keep_z and not z.lowrank else None
 
     def step(i: int, batch: dict[str, torch.Tensor]) -> float | None:
         taken = zo_step(model, params, to_device(batch, model), pool[indices[i]], eps, lr,
-                        keep_z=keep_z, z_buffer=z_buffer, g_max=g_max)
+                        keep_z=keep_z, z_buffer=z_buffer, g_max=g_max, spec=z)
         if taken is None:
             return None
         stats.add(indices[i], taken.g, clip)
@@ -116,18 +119,19 @@ class FedKSeedDevice:
             w0: Sequence[torch.Tensor] = (
                 FileWeights(env.w0_dir, self.param_names) if env.w0_dir is not None
                 else [p.detach().clone() for p in trainable(model).values()])
-            self.round_model = RoundModel(w0, pool, cfg.lr, cache=not env.one_client)
+            self.round_model = RoundModel(w0, pool, cfg.lr, cache=not env.one_client,
+                                          z=cfg.spec)
         self.pool = self.round_model.pool
         self.cache_dir = env.cache_dir
 
     def round(self, model: torch.nn.Module, payload: bytes,
               examples: Sequence[TokenizedExample], round_: int, seed: int) -> bytes:
         c = self.cfg
-        down = Download.decode(payload, c.k_seeds, self.pro, expect_round=round_)
+        down = Download.decode(payload, c.k_seeds, self.pro, expect_round=round_, z=c.spec)
         params = list(trainable(model).values())
         if down.since != 0:  # the cached model of round `since`, moved on by ΔA
             self._load_cached(params, down.since)
-            catch_up_(params, self.pool, down.accumulators, c.lr)
+            catch_up_(params, self.pool, down.accumulators, c.lr, c.spec)
         else:  # the device's model of this round: w0 and the K accumulators, nothing else
             self.round_model.set_(params, down.accumulators)
         if self.cache_dir is not None:
@@ -136,7 +140,7 @@ class FedKSeedDevice:
         stats, loss, _ = local_zo_train(
             model, params, self.pool, examples, tau=c.tau, batch_size=c.batch_size,
             eps=c.zo_eps, lr=c.lr, clip=c.clip, pad_id=self.pad_id, seed=seed, probs=probs,
-            keep_z=c.keep_z, g_max=c.g_max)
+            keep_z=c.keep_z, g_max=c.g_max, z=c.spec)
         if not stats.count:
             raise RuntimeError("every ZO step had a non-finite loss")
         idx = sorted(stats.count)
@@ -144,7 +148,7 @@ class FedKSeedDevice:
         if self.update_clip > 0:
             sums = clip_l2({"g": sums}, self.update_clip)[0]["g"]
         reply = Reply(round_, len(examples), loss, torch.tensor(idx, dtype=torch.int32),
-                      sums.to(torch.float32))
+                      sums.to(torch.float32), z=c.spec)
         if self.pro:
             reply.sum_abs_clip = torch.tensor([stats.sum_abs_clip[j] for j in idx],
                                               dtype=torch.float32)

@@ -7,16 +7,18 @@ rebuild the model with the same function, :func:`rebuild_`, from the same float3
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedtune.seeds import seed_pool
-from fedtune.zo.perturb import replay_
+from fedtune.zo.spec import ZSpec, replay_z_
 
-__all__ = ["FileWeights", "RoundModel", "catch_up_", "rebuild_", "replay_coefficients",
-           "seed_pool"]
+__all__ = ["FileWeights", "RoundModel", "catch_up_", "rebuild_", "rebuild_from_log",
+           "replay_coefficients", "seed_pool"]
+DEFAULT_Z = ZSpec()
 
 
 def replay_coefficients(pool: Sequence[int], accumulators: torch.Tensor, lr: float
@@ -28,7 +30,7 @@ def replay_coefficients(pool: Sequence[int], accumulators: torch.Tensor, lr: flo
 
 @torch.no_grad()
 def catch_up_(params: Sequence[torch.Tensor], pool: Sequence[int], delta: torch.Tensor,
-              lr: float) -> None:
+              lr: float, z: ZSpec = DEFAULT_Z) -> None:
     """Move a cached model of round r0 to round r: θ ← θ − lr · Σ_j ΔA_j z(s_j), ΔA = A_r − A_r0.
 
     The paper's incremental rebuild: it costs one generation of z per seed whose accumulator
@@ -36,19 +38,30 @@ def catch_up_(params: Sequence[torch.Tensor], pool: Sequence[int], delta: torch.
     rounding (the two add the same terms in a different grouping), not bit for bit; a device that
     needs the server's exact bits rebuilds from w0.
     """
-    replay_(params, replay_coefficients(pool, delta, lr))
+    replay_z_(params, replay_coefficients(pool, delta, lr), z)
 
 
 @torch.no_grad()
 def rebuild_(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], pool: Sequence[int],
-             accumulators: torch.Tensor, lr: float) -> None:
+             accumulators: torch.Tensor, lr: float, z: ZSpec = DEFAULT_Z) -> None:
     """Set ``params`` to w0 − lr · Σ_j A_j z(s_j): copy w0, then one fused replay of every seed.
 
-    Costs at most K generations of z whatever the number of rounds.
+    Costs at most K generations of z whatever the number of rounds (dense), or one matrix
+    product per matrix (low-rank).
     """
     for p, p0 in zip(params, w0, strict=True):
         p.copy_(p0)
-    catch_up_(params, pool, accumulators, lr)
+    catch_up_(params, pool, accumulators, lr, z)
+
+
+@torch.no_grad()
+def rebuild_from_log(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
+                     log: Mapping[str, Any]) -> None:
+    """Set ``params`` to the model a seed log (``fedkseed_seeds.json``) defines, with the z it
+    was made with (a log without a version: generator 1, dense)."""
+    rebuild_(params, w0, log["seed_pool"], torch.tensor(log["accumulators"],
+                                                        dtype=torch.float32),
+             float(log["lr"]), ZSpec.from_log(log))
 
 
 class FileWeights(Sequence[torch.Tensor]):
@@ -103,8 +116,8 @@ class RoundModel:
     """
 
     def __init__(self, w0: Sequence[torch.Tensor], pool: Sequence[int], lr: float,
-                 cache: bool = True) -> None:
-        self.w0, self.pool, self.lr, self.cache = w0, pool, lr, cache
+                 cache: bool = True, z: ZSpec = DEFAULT_Z) -> None:
+        self.w0, self.pool, self.lr, self.cache, self.z = w0, pool, lr, cache, z
         self._cached: list[torch.Tensor] = []
         self._cached_acc: torch.Tensor | None = None
 
@@ -112,10 +125,10 @@ class RoundModel:
     def set_(self, params: Sequence[torch.Tensor], acc: torch.Tensor) -> None:
         """Set ``params`` to w0 − lr · Σ_j A_j z(s_j) for ``acc`` = A."""
         if not self.cache:
-            rebuild_(params, self.w0, self.pool, acc, self.lr)
+            rebuild_(params, self.w0, self.pool, acc, self.lr, self.z)
             return
         if self._cached_acc is None or not torch.equal(self._cached_acc, acc):
-            rebuild_(params, self.w0, self.pool, acc, self.lr)
+            rebuild_(params, self.w0, self.pool, acc, self.lr, self.z)
             self._cached = [p.detach().clone() for p in params]
             self._cached_acc = acc.clone()
             return

@@ -41,10 +41,15 @@ from fedtune.algorithms.fedkseed.replay import RoundModel, seed_pool
 from fedtune.algorithms.fedkseed.wire import Download, Reply
 from fedtune.algorithms.params import trainable
 from fedtune.wire import MessageError
-from fedtune.zo.perturb import GENERATOR_VERSION
+from fedtune.zo.spec import ZSpec
 
 log = logging.getLogger(__name__)
 SEED_LOG = "fedkseed_seeds.json"
+
+
+def z_state(z: ZSpec) -> torch.Tensor:
+    """The checkpoint's record of the z: (generator, low-rank, rank)."""
+    return torch.tensor([z.generator, int(z.lowrank), z.rank], dtype=torch.int64)
 
 
 def check_possible(reply: Reply, tau: int, g_max: float) -> None:
@@ -76,7 +81,7 @@ def update_of(ctx: MethodContext, model: torch.nn.Module, download: bytes, reply
     """Secure aggregation, on the device: its reply as the update ``{"g": G_i}`` (FedKSeed only:
     Pro's statistics need each reply)."""
     c = ctx.cfg.fedkseed
-    got = Reply.decode(reply, c.k_seeds, False, c.clip, expect_round=round_)
+    got = Reply.decode(reply, c.k_seeds, False, c.clip, expect_round=round_, z=c.spec)
     check_possible(got, c.tau, c.g_max)
     return {"g": dense_sums(got, c.k_seeds)}, ReplyInfo(got.num_samples, got.train_loss)
 
@@ -96,14 +101,14 @@ class FedKSeedServer:
         self.pro = pro
         self.name = "fedkseed-pro" if pro else "fedkseed"
         self.pool = seed_pool(cfg.seed, cfg.k_seeds)
-        self.lr, self.eps = cfg.lr, cfg.zo_eps
+        self.lr, self.eps, self.z = cfg.lr, cfg.zo_eps, cfg.spec
         self.download_since = self._download_since
         self.seed_steps = self
         self.accept_mean: AcceptMean | None = None if pro else self._accept_mean
         params = trainable(model) if model is not None else {}
         self.param_names = list(params)
         self.round_model = RoundModel([p.detach().clone() for p in params.values()], self.pool,
-                                      cfg.lr)
+                                      cfg.lr, z=cfg.spec)
         self.device_share = self.round_model
         k = cfg.k_seeds
         self.accumulators = torch.zeros(k, dtype=torch.float32)
@@ -131,7 +136,8 @@ class FedKSeedServer:
         self._probs = (torch.from_numpy(self.probabilities()).to(torch.float32) if self.pro
                        else None)
         # the same bytes go to every client of the round: encode once
-        self._download = Download(round_, self.accumulators.clone(), self._probs).encode()
+        self._download = Download(round_, self.accumulators.clone(), self._probs,
+                                  z=self.cfg.spec).encode()
 
     def download(self, round_: int, client_id: int = 0) -> bytes:
         """The round's download: A itself (the same bytes for every client)."""
@@ -148,14 +154,15 @@ class FedKSeedServer:
         if since == 0 or since not in self.history:
             return self._download
         return Download(round_, self.accumulators - self.history[since], self._probs,
-                        since).encode()
+                        since, self.cfg.spec).encode()
 
     def accept(self, payload: bytes) -> ReplyInfo:
         """Validate (raises MessageError) before anything touches the aggregate."""
         if self._agg is None or self._round_stats is None:
             raise RuntimeError("accept() called outside a round")
         c = self.cfg
-        reply = Reply.decode(payload, c.k_seeds, self.pro, c.clip, expect_round=self.round)
+        reply = Reply.decode(payload, c.k_seeds, self.pro, c.clip, expect_round=self.round,
+                             z=c.spec)
         check_possible(reply, c.tau, c.g_max)
         idx = reply.index.long().numpy()
         self._agg.add({"g": dense_sums(reply, c.k_seeds)}, self.rules.weight(reply.num_samples))
@@ -247,13 +254,14 @@ class FedKSeedServer:
 
     def seed_log(self) -> dict[str, Any]:
         """Everything needed to rebuild the global model from w0 (float32 A as exact floats)."""
-        return {"algorithm": self.name, "generator_version": GENERATOR_VERSION,
+        return {"algorithm": self.name, **self.cfg.spec.describe(),
                 "k_seeds": self.cfg.k_seeds, "lr": self.cfg.lr, "zo_eps": self.cfg.zo_eps,
                 "run_seed": self.cfg.seed, "seed_pool": self.pool,
                 "accumulators": [float(a) for a in self.accumulators.tolist()],
                 "param_names": self.param_names,
-                "formula": "w = w0 - lr * sum_j accumulators[j] * z(seed_pool[j]), "
-                           "z from fedtune.zo.perturb"}
+                "formula": "w = w0 - lr * sum_j accumulators[j] * z(seed_pool[j]), z from "
+                           "fedtune.zo (generator_version, perturbation, rank); "
+                           "fedtune.algorithms.fedkseed.replay.rebuild_from_log replays it"}
 
     def export(self, model: torch.nn.Module, tokenizer: Any, out_dir: Path) -> Path:
         """Save the global model (save_pretrained) and the seed log next to it."""
@@ -273,13 +281,21 @@ class FedKSeedServer:
                 "pro_sum_g": torch.from_numpy(self.sum_g.copy()),
                 "pro_sum_abs_clip": torch.from_numpy(self.sum_abs_clip.copy()),
                 "pro_count": torch.from_numpy(self.count.copy()),
-                "seed_pool": torch.tensor(self.pool, dtype=torch.int64)}
+                "seed_pool": torch.tensor(self.pool, dtype=torch.int64),
+                "z_spec": z_state(self.cfg.spec)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         pool = state.get("seed_pool")
         if pool is None or pool.tolist() != self.pool:
             raise ValueError("checkpoint seed pool differs from this config's "
                              "(algorithm.fedkseed.seed / k_seeds changed?)")
+        got = state.get("z_spec", z_state(ZSpec(1)))  # checkpoints before versions: generator 1
+        if not torch.equal(got, z_state(self.cfg.spec)):
+            g, low, r = got.tolist()
+            raise ValueError(f"checkpoint was made with z generator {g}, "
+                             f"{'low-rank r ' + str(r) if low else 'dense'}; this config has "
+                             f"{self.cfg.spec} (algorithm.fedkseed.generator / perturbation / "
+                             "rank changed?)")
         k = self.cfg.k_seeds
         for name in ("accumulators", "pro_sum_g", "pro_sum_abs_clip", "pro_count"):
             if name not in state or tuple(state[name].shape) != (k,):

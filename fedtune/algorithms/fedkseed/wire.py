@@ -6,7 +6,8 @@ arrays. Seed indices are uint16 when K <= 65536 (else uint32), everything else f
 
 Download (``FKS`` + version 1, 21-byte header)::
 
-    magic "FKS\\x01" | flags u8 (1: probs follow, 2: sparse) | round u32 | K u32 | since u32 | n u32
+    magic "FKS\\x01" | flags u8 (1: probs follow, 2: sparse, z code << 4) | round u32 | K u32 |
+    since u32 | n u32
     dense:  dA (K,) f32                      -- the change of A since round ``since``
     sparse: index (n,) u16/u32 ascending, dA (n,) f32
     probs (K,) f32                           -- FedKSeed-Pro only: this round's seed probabilities
@@ -17,10 +18,16 @@ picks whichever of dense and sparse is smaller.
 
 Upload (``FKS`` + version 2, 21-byte header)::
 
-    magic "FKS\\x02" | flags u8 (1: Pro stats follow) | round u32 | num_samples u32 |
+    magic "FKS\\x02" | flags u8 (1: Pro stats follow, z code << 4) | round u32 | num_samples u32 |
     train_loss f32 | n u32
     index (n,) u16/u32 strictly ascending, sum_g (n,) f32
     Pro:  sum_abs_clip (n,) f32, count (n,) u16
+
+The z code (bits 4-6 of the flags) says which z the numbers are for: bits 4-5 the generator
+version minus 1 (so a message from before the field, generator 1, reads 0), bit 6 low-rank.
+A message made with another z than the receiver's is refused: the same accumulators define a
+different model under another z. (The rank, like K's seeds and the learning rate, is config both
+sides share.)
 
 Bytes at the paper's K = 4096, τ = 200: 21 + 4·4096 down and 21 + 6·n up with n <= τ distinct
 seeds, at most 17,990 B and about 17,600 B for the ~195 distinct seeds τ = 200 uniform draws hit;
@@ -41,6 +48,7 @@ import numpy as np
 import torch
 
 from fedtune.wire import MAX_LOSS, MessageError
+from fedtune.zo.spec import ZSpec
 
 DOWN_MAGIC = b"FKS\x01"
 UP_MAGIC = b"FKS\x02"
@@ -51,6 +59,25 @@ FLAG_PRO = 1
 MAX_SAMPLES = 2**32 - 1
 MAX_COUNT = 2**16 - 1
 PROB_TOL = 1e-4
+Z_SHIFT, Z_MASK = 4, 0x70
+DEFAULT_Z = ZSpec()
+
+
+def z_code(z: ZSpec) -> int:
+    """The flags' z bits of ``z``: (generator - 1) | 4 if low-rank, shifted by 4."""
+    return ((z.generator - 1) | (4 if z.lowrank else 0)) << Z_SHIFT
+
+
+def _describe_z(code: int) -> str:
+    gen, low = ((code >> Z_SHIFT) & 3) + 1, bool(code & (4 << Z_SHIFT))
+    return f"generator {gen}, {'low-rank' if low else 'dense'}"
+
+
+def _check_z(flags: int, z: ZSpec, what: str) -> None:
+    if flags & Z_MASK != z_code(z):
+        raise MessageError(f"{what} is for z of {_describe_z(flags & Z_MASK)}; this side uses "
+                           f"{_describe_z(z_code(z))} (algorithm.fedkseed.generator / "
+                           "perturbation differ)")
 
 
 def index_dtype(k_seeds: int) -> np.dtype:
@@ -110,6 +137,7 @@ class Download:
     accumulators: torch.Tensor  # (K,) float32: the change of A since round ``since`` (0: A)
     probs: torch.Tensor | None = None  # (K,) float32, FedKSeed-Pro only
     since: int = 0
+    z: ZSpec = DEFAULT_Z
 
     def encode(self) -> bytes:
         a = self.accumulators.detach().cpu().to(torch.float32).numpy()
@@ -117,7 +145,8 @@ class Download:
         nz = np.flatnonzero(a)
         idt = index_dtype(k)
         sparse = nz.size * (idt.itemsize + 4) < 4 * k
-        flags = (FLAG_PROBS if self.probs is not None else 0) | (FLAG_SPARSE if sparse else 0)
+        flags = ((FLAG_PROBS if self.probs is not None else 0) | (FLAG_SPARSE if sparse else 0)
+                 | z_code(self.z))
         parts = [_DOWN.pack(DOWN_MAGIC, flags, self.round, k, self.since,
                             nz.size if sparse else k)]
         if sparse:
@@ -129,11 +158,13 @@ class Download:
         return b"".join(parts)
 
     @classmethod
-    def decode(cls, data: bytes, k_seeds: int, pro: bool, *, expect_round: int) -> Download:
+    def decode(cls, data: bytes, k_seeds: int, pro: bool, *, expect_round: int,
+               z: ZSpec = DEFAULT_Z) -> Download:
         data = _check_bytes(data, _DOWN, DOWN_MAGIC)
         _, flags, round_, k, since, n = _DOWN.unpack_from(data)
-        if flags & ~(FLAG_PROBS | FLAG_SPARSE):
+        if flags & ~(FLAG_PROBS | FLAG_SPARSE | Z_MASK):
             raise MessageError(f"unknown download flags {flags:#x}")
+        _check_z(flags, z, "download")
         if round_ != expect_round:
             raise MessageError(f"download is for round {round_}, expected {expect_round}")
         if k != k_seeds:
@@ -167,7 +198,7 @@ class Download:
             if abs(total - 1.0) > PROB_TOL:
                 raise MessageError(f"seed probabilities sum to {total}, not 1")
             probs = torch.from_numpy(p.copy())
-        return cls(round_, torch.from_numpy(a), probs, since)
+        return cls(round_, torch.from_numpy(a), probs, since, z)
 
 
 @dataclass
@@ -179,6 +210,7 @@ class Reply:
     sum_g: torch.Tensor  # (n,) float32
     sum_abs_clip: torch.Tensor | None = None  # (n,) float32, FedKSeed-Pro only
     count: torch.Tensor | None = None  # (n,) FedKSeed-Pro only
+    z: ZSpec = DEFAULT_Z
 
     def encode(self, k_seeds: int) -> bytes:
         """Bytes of this reply for a pool of ``k_seeds`` (which fixes the index width)."""
@@ -186,7 +218,8 @@ class Reply:
         index = self.index.cpu().numpy()[order]
         pro = self.sum_abs_clip is not None and self.count is not None
         n = index.size
-        parts = [_UP.pack(UP_MAGIC, FLAG_PRO if pro else 0, self.round, self.num_samples,
+        parts = [_UP.pack(UP_MAGIC, (FLAG_PRO if pro else 0) | z_code(self.z), self.round,
+                          self.num_samples,
                           self.train_loss, n),
                  index.astype(index_dtype(k_seeds)).tobytes(),
                  _f32(self.sum_g.cpu().numpy()[order])]
@@ -197,11 +230,12 @@ class Reply:
 
     @classmethod
     def decode(cls, data: bytes, k_seeds: int, pro: bool, clip: float, *,
-               expect_round: int) -> Reply:
+               expect_round: int, z: ZSpec = DEFAULT_Z) -> Reply:
         data = _check_bytes(data, _UP, UP_MAGIC)
         _, flags, round_, num_samples, train_loss, n = _UP.unpack_from(data)
-        if flags & ~FLAG_PRO:
+        if flags & ~(FLAG_PRO | Z_MASK):
             raise MessageError(f"unknown reply flags {flags:#x}")
+        _check_z(flags, z, "reply")
         if round_ != expect_round:
             raise MessageError(f"reply is for round {round_}, expected {expect_round}")
         if bool(flags & FLAG_PRO) != pro:
@@ -232,4 +266,4 @@ class Reply:
             count = torch.from_numpy(cnt.astype(np.int32))
         return cls(round_, int(num_samples), float(train_loss),
                    torch.from_numpy(index.astype(np.int32)), torch.from_numpy(sum_g.copy()),
-                   sum_abs, count)
+                   sum_abs, count, z)

@@ -24,7 +24,10 @@ from fedtune.algorithms.fedkseed.device import draw_seed_indices
 from fedtune.algorithms.fedpt.proxy import ProxyModel, fit_prompts, proxy_decode
 from fedtune.algorithms.local import backprop_step, run_steps
 from fedtune.logits.source import TopLogits
+from fedtune.zo.spec import ZSpec
 from fedtune.zo.step import zo_step_on
+
+DEFAULT_Z = ZSpec()
 
 LOSSES = ("kl", "reverse-kl", "ce")
 
@@ -183,9 +186,10 @@ def distill(model: torch.nn.Module, params: Sequence[torch.nn.Parameter],
 def distill_zo(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Sequence[int],
                targets: Sequence[Target], *, steps: int, batch_size: int, eps: float, lr: float,
                temperature: float, pad_id: int, vocab_size: int, seed: int,
-               loss: str = "kl") -> tuple[dict[int, float], float]:
+               loss: str = "kl", z: ZSpec = DEFAULT_Z) -> tuple[dict[int, float], float]:
     """Distillation for FedKSeed devices: ``steps`` two-point zeroth-order steps on the
-    distillation loss, each along z(s_j) for a pool seed s_j, ``params`` updated in place.
+    distillation loss, each along z(s_j) for a pool seed s_j (the devices' z), ``params``
+    updated in place.
 
     Returns ({pool index j: Σ g_j}, mean loss). Those sums are all the devices need: the
     server adds them to its accumulators A, and every device's replay w0 − lr Σ_j A_j z(s_j)
@@ -200,7 +204,7 @@ def distill_zo(model: torch.nn.Module, params: Sequence[torch.Tensor], pool: Seq
             s, t = _student_logits(model, batch, pad_id, vocab_size)
             return float(kl_to_teacher(t, s, temperature, loss))
 
-        taken = zo_step_on(objective, params, pool[indices[i]], eps, lr)
+        taken = zo_step_on(objective, params, pool[indices[i]], eps, lr, spec=z)
         if taken is None:
             return None
         sums[indices[i]] = sums.get(indices[i], 0.0) + taken.g

@@ -225,7 +225,7 @@ class FedPTServer:
                               "vocab_size": v, "loss": c.distill_loss, "seed": seed}
         if zo is not None:
             return distill_zo(model, params, zo.pool, targets, steps=c.distill_zo_steps,
-                              eps=zo.eps, lr=zo.lr, **kw)
+                              eps=zo.eps, lr=zo.lr, z=zo.z, **kw)
         return None, distill(model, params, targets, steps=c.distill_steps, lr=c.distill_lr,
                              **kw)
 
