@@ -9,6 +9,7 @@ the same run; and golden losses pin each method's whole pipeline on a tiny model
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -171,14 +172,15 @@ GOLDEN: dict[str, dict[str, list[float]]] = {
                "eval_loss": [5.653888702392578, 5.3536376953125, 5.039987352159288]},
     "fedit": {"train_loss": [5.707097391287486, 5.657023718862822],
               "eval_loss": [5.653888702392578, 5.643274519178602, 5.612425910101996]},
-    "fedkseed": {"train_loss": [5.716318100690842, 5.69973780892112],
-                 "eval_loss": [5.653888702392578, 5.65412097507053, 5.654363844129774]},
-    "fedkseed-pro": {"train_loss": [5.715990304946899, 5.699523318897594],
-                     "eval_loss": [5.653888702392578, 5.653729756673177, 5.653767479790582]},
-    "fedmezo": {"train_loss": [5.716237224638462, 5.699572704055092],
-                "eval_loss": [5.653888702392578, 5.6532948811848955, 5.6532308790418835]},
-    "fedzo": {"train_loss": [5.710095629096031, 5.6996506886048754],
-              "eval_loss": [5.653888702392578, 5.655587090386285, 5.650713178846571]},
+    # the zeroth-order methods with z's generator 2 (the default since 2026-12-02)
+    "fedkseed": {"train_loss": [5.716285407543182, 5.699873447418213],
+                 "eval_loss": [5.653888702392578, 5.653299119737413, 5.652749803331163]},
+    "fedkseed-pro": {"train_loss": [5.716221421957016, 5.6997127099470655],
+                     "eval_loss": [5.653888702392578, 5.654044257269965, 5.654343075222439]},
+    "fedmezo": {"train_loss": [5.7161237411201, 5.699301058595831],
+                "eval_loss": [5.653888702392578, 5.653238084581163, 5.652371300591363]},
+    "fedzo": {"train_loss": [5.70584561675787, 5.70811422846534],
+              "eval_loss": [5.653888702392578, 5.666459401448567, 5.677695804172092]},
     "fedprompt": {"train_loss": [5.710005780061086, 5.671256614453865],
                   "eval_loss": [5.654943678114149, 5.653329637315538, 5.651153564453125]},
     "fedptuning": {"train_loss": [5.707917898893356, 5.667382312543465],
@@ -190,9 +192,31 @@ GOLDEN: dict[str, dict[str, list[float]]] = {
 }
 
 
-def config(name: str):
+# FedKSeed's other z: generator 1 (runs before generator 2: these were the golden values then,
+# unchanged) and low-rank perturbations
+GOLDEN_Z: dict[str, tuple[list[str], dict[str, list[float]]]] = {
+    "fedkseed": (["algorithm.fedkseed.generator=1"], {
+        "train_loss": [5.716318100690842, 5.69973780892112],
+        "eval_loss": [5.653888702392578, 5.65412097507053, 5.654363844129774]}),
+    "fedkseed-pro": (["algorithm.fedkseed.generator=1"], {
+        "train_loss": [5.715990304946899, 5.699523318897594],
+        "eval_loss": [5.653888702392578, 5.653729756673177, 5.653767479790582]}),
+    "fedkseed-lowrank": (["algorithm.fedkseed.perturbation=lowrank"], {
+        "train_loss": [5.716180205345154, 5.699540268291127],
+        "eval_loss": [5.653888702392578, 5.6536755032009545, 5.654125213623047]}),
+}
+
+
+def config(name: str, extra: Sequence[str] = ()):
     return load_config(None, SMALL + [f"algorithm.name={name}"] + (FEDPT if name == "fedpt"
-                                                                      else []))
+                                                                      else []) + list(extra))
+
+
+def losses(out) -> dict[str, list[float]]:
+    r = rows(out)
+    assert [x["round"] for x in r] == [0, 1, 2]
+    return {"train_loss": [x["train_loss"] for x in r[1:]],
+            "eval_loss": [x["eval_loss"] for x in r]}
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -205,13 +229,19 @@ def straight(request, tmp_path_factory):
 
 def test_golden_losses(straight):
     name, out = straight
-    r = rows(out)
-    assert [x["round"] for x in r] == [0, 1, 2]
-    got = {"train_loss": [x["train_loss"] for x in r[1:]],
-           "eval_loss": [x["eval_loss"] for x in r]}
+    got = losses(out)
     assert got["eval_loss"][-1] != got["eval_loss"][0], "the global model never moved"
     want = GOLDEN.get(name)
     assert want is not None, f"no golden values for {name}: {got}"
+    assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4), got
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4), got
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_Z))
+def test_golden_losses_of_the_other_z(case, tmp_path):
+    extra, want = GOLDEN_Z[case]
+    runner.run(config(case.removesuffix("-lowrank"), extra), tmp_path, progress=False)
+    got = losses(tmp_path)
     assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4), got
     assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-4), got
 
