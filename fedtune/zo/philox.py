@@ -97,7 +97,7 @@ def split_key(seed: int) -> tuple[int, int]:
 def _philox_torch(b: torch.Tensor, k0: int, k1: int, c2: int, c3: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Philox4x32-10 of the counters (b mod 2^32, b >> 32, c2, c3); words held in int64."""
-    x0, x1 = b & MASK32, b >> 32
+    x0, x1 = b & MASK32, (b >> 32) & MASK32
     x2 = torch.full_like(b, c2 & MASK32)
     x3 = torch.full_like(b, c3 & MASK32)
     for _ in range(10):
