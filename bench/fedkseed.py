@@ -7,6 +7,11 @@
                                         the real model (SmolLM2-135M-Instruct): steps at batch
                                         1 x 128 and 8 x 128, replay of 1024 seeds, memory
 
+Every section compares z's generators side by side (fedtune.zo): version 1 (torch's CPU
+generator per (seed, parameter)), version 2 (Philox4x32-10, the default) and low-rank seeded
+perturbations (generator 2, ranks ``--ranks``); the generator section also times writing the
+same floats (the memory-bandwidth floor of any generator).
+
 Model: a Llama-style model of ~10.5M parameters (d 256, 8 layers, 8 heads, FFN 688, vocab 8192,
 untied embeddings; random weights), batch 8 x 128 tokens, float32, ``eval()``. Timings are taken
 side by side in one process, the variants interleaved within every repeat, and reported as
@@ -14,9 +19,9 @@ medians; a ratio is the median over repeats of the ratio of the two times taken 
 (robust to a machine whose load changes during the run). Peak memory is measured per operation in
 a fresh subprocess (see :func:`memory_peak`).
 
-Targets (the issue's): ZO step <= 1.25 x two forward passes; replay >= 0.8 x the raw throughput of
-the generator alone; ZO step peak memory <= 1.15 x an inference forward; <= 17,988 bytes per
-client per round at K=4096, tau=200.
+Targets (the issues'): ZO step <= 1.25 x two forward passes (1.1 the aim); replay >= 0.8 x the raw
+throughput of the generator alone; a low-rank rebuild of 1024 seeds in seconds; ZO step peak
+memory <= 1.15 x an inference forward; <= 17,988 bytes per client per round at K=4096, tau=200.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Setup:
     model: str = ""  # a fedtune model path ('smollm2-135m'): real weights instead of random ones
     step_batches: tuple[int, ...] = ()  # batch sizes of the step section (default: batch)
     pool_naive: bool = True  # also time the naive replays of the pool (minutes on a real model)
+    ranks: tuple[int, ...] = (1, 4, 16)  # low-rank perturbations timed beside the dense ones
 
 
 FULL = Setup("10.5M Llama", 8192, 256, 8, 8, 688, 8, 128, 7, 16, 1024)
@@ -137,7 +143,7 @@ def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 def bench_step(s: Setup, model: torch.nn.Module | None = None, batch_size: int | None = None
                ) -> dict[str, Any]:
-    from fedtune.zo import new_z_buffer, zo_loss, zo_step
+    from fedtune.zo import ZSpec, new_z_buffer, zo_loss, zo_step
 
     model = build_model(s) if model is None else model
     batch = make_batch(s, batch_size)
@@ -150,10 +156,11 @@ def bench_step(s: Setup, model: torch.nn.Module | None = None, batch_size: int |
 
     cases = {
         "two_forwards": lambda: (zo_loss(model, batch), zo_loss(model, batch)),
-        "zo_step_default": step(),
-        "zo_step_keep_z": step(keep_z=True, z_buffer=zbuf),
-        "zo_step_keep_z_alloc": step(keep_z=True),
-        "zo_step_default_1_worker": step(workers=1),
+        "zo_step_keep_z_v1": step(keep_z=True, z_buffer=zbuf, spec=ZSpec(1)),
+        "zo_step_keep_z_v2": step(keep_z=True, z_buffer=zbuf, spec=ZSpec(2)),
+        "zo_step_default_v1": step(spec=ZSpec(1)),
+        "zo_step_default_v2": step(spec=ZSpec(2)),
+        **{f"zo_step_lowrank_r{r}": step(spec=ZSpec(2, "lowrank", r)) for r in s.ranks},
     }
     times = _interleaved(cases, s.repeats)
     out: dict[str, Any] = {"median_s": {k: statistics.median(v) for k, v in times.items()}}
@@ -165,9 +172,18 @@ def bench_step(s: Setup, model: torch.nn.Module | None = None, batch_size: int |
 
 # -- 2. replay ------------------------------------------------------------------------------------
 
-def _raw_generation(params: list[torch.Tensor], seeds: list[int], workers: int) -> None:
-    """The generator alone: every z(s)_i drawn into a preallocated buffer, nothing applied."""
+def _raw_generation(params: list[torch.Tensor], seeds: list[int], workers: int,
+                    version: int = 1) -> None:
+    """The generator alone: every z(s)_i drawn into a preallocated buffer, nothing applied
+    (version 1 parallel over parameters, version 2 over pieces of every parameter)."""
+    from fedtune.zo import fill_z_
     from fedtune.zo.perturb import param_seed
+
+    if version == 2:
+        bufs = [torch.empty(p.shape) for p in params]
+        for s in seeds:
+            fill_z_(bufs, s, workers=workers, version=2)
+        return
 
     def one(i: int, shape: torch.Size) -> None:
         buf = torch.empty(shape)
@@ -184,12 +200,45 @@ def _raw_generation(params: list[torch.Tensor], seeds: list[int], workers: int) 
                 f.result()
 
 
+def bench_generator(s: Setup, model: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Draw throughput of z's generators 1 and 2 (one seed over every parameter, into buffers
+    held across repeats) against writing the same floats (``fill_``), on 1 thread and all."""
+    from fedtune.zo import fill_z_
+
+    model = build_model(s) if model is None else model
+    params = trainable(model)
+    n = sum(p.numel() for p in params)
+    bufs = [torch.empty(p.shape) for p in params]
+    workers = torch.get_num_threads()
+    seeds = iter(range(10**9))
+
+    def write() -> None:
+        for b in bufs:
+            b.fill_(1.0)
+
+    cases: dict[str, Callable[[], object]] = {"write_same_floats": write}
+    for w in sorted({1, workers}):
+        for v in (1, 2):
+            cases[f"v{v}_{w}_thread{'s' if w > 1 else ''}"] = (
+                lambda v=v, w=w: fill_z_(bufs, next(seeds), workers=w, version=v))
+    times = _interleaved(cases, s.repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"values": n, "median_s": med,
+            "throughput_mvalues_per_s": {k: n / t / 1e6 for k, t in med.items()},
+            "ns_per_value_per_thread": {
+                k: t / n * 1e9 * (1 if k == "write_same_floats" else int(k.split("_")[1]))
+                for k, t in med.items()},
+            "v2_vs_v1": {f"{w}": _ratio(times, f"v1_{w}_thread{'s' if w > 1 else ''}",
+                                        f"v2_{w}_thread{'s' if w > 1 else ''}")
+                         for w in sorted({1, workers})}}
+
+
 def _naive_replay(params: list[torch.Tensor], coeffs: dict[int, float]) -> None:
-    """Seed by seed: generate z over all parameters and add it (perturb_ per seed)."""
+    """Seed by seed: generate z over all parameters and add it (perturb_ per seed, v1)."""
     from fedtune.zo import perturb_
 
     for s in sorted(coeffs):
-        perturb_(params, s, coeffs[s])
+        perturb_(params, s, coeffs[s], version=1)
 
 
 def _naive_replay_v0(params: list[torch.Tensor], coeffs: dict[int, float]) -> None:
@@ -199,12 +248,12 @@ def _naive_replay_v0(params: list[torch.Tensor], coeffs: dict[int, float]) -> No
     with torch.no_grad():
         for s in sorted(coeffs):
             for i, p in enumerate(params):
-                p.add_(z_for(s, i, p.shape), alpha=coeffs[s])
+                p.add_(z_for(s, i, p.shape, 1), alpha=coeffs[s])
 
 
 def bench_replay(s: Setup, model: torch.nn.Module | None = None) -> dict[str, Any]:
     from fedtune.algorithms.fedkseed.replay import seed_pool
-    from fedtune.zo import replay_
+    from fedtune.zo import ZSpec, replay_, replay_z_
 
     model = build_model(s) if model is None else model
     params = trainable(model)
@@ -220,45 +269,60 @@ def bench_replay(s: Setup, model: torch.nn.Module | None = None) -> dict[str, An
     few = coeffs(s.replay_seeds)
     seeds = sorted(few)
     cases = {
-        "raw_generator_parallel": lambda: _raw_generation(params, seeds, workers),
-        "raw_generator_1_thread": lambda: _raw_generation(params, seeds, 1),
-        "replay_fused_parallel": lambda: replay_(params, few),
-        "replay_fused_1_worker": lambda: replay_(params, few, workers=1),
+        "raw_generator_v1_parallel": lambda: _raw_generation(params, seeds, workers),
+        "raw_generator_v1_1_thread": lambda: _raw_generation(params, seeds, 1),
+        "raw_generator_v2_parallel": lambda: _raw_generation(params, seeds, workers, 2),
+        "replay_fused_v1_parallel": lambda: replay_(params, few, version=1),
+        "replay_fused_v1_1_worker": lambda: replay_(params, few, workers=1, version=1),
+        "replay_fused_v2_parallel": lambda: replay_(params, few, version=2),
     }
     times = _interleaved(cases, s.repeats)
     values = n * len(few)
+    med = {k: statistics.median(v) for k, v in times.items()}
     out: dict[str, Any] = {
         "values_per_run": values,
-        "throughput_mvalues_per_s": {k: values / statistics.median(v) / 1e6
-                                     for k, v in times.items()},
-        "replay_vs_raw_parallel": 1 / _ratio(times, "replay_fused_parallel",
-                                             "raw_generator_parallel"),
-        "replay_vs_raw_1_thread": 1 / _ratio(times, "replay_fused_parallel",
-                                             "raw_generator_1_thread"),
-        "replay_1_worker_vs_raw_1_thread": 1 / _ratio(times, "replay_fused_1_worker",
-                                                      "raw_generator_1_thread"),
+        "throughput_mvalues_per_s": {k: values / t / 1e6 for k, t in med.items()},
+        "replay_vs_raw_parallel": 1 / _ratio(times, "replay_fused_v1_parallel",
+                                             "raw_generator_v1_parallel"),
+        "replay_vs_raw_1_thread": 1 / _ratio(times, "replay_fused_v1_parallel",
+                                             "raw_generator_v1_1_thread"),
+        "replay_1_worker_vs_raw_1_thread": 1 / _ratio(times, "replay_fused_v1_1_worker",
+                                                      "raw_generator_v1_1_thread"),
+        "replay_v2_vs_raw_v2_parallel": 1 / _ratio(times, "replay_fused_v2_parallel",
+                                                   "raw_generator_v2_parallel"),
         "target": TARGET_REPLAY,
     }
     if s.replay_pool <= 0:
         return out
-    # one replay of the whole pool, fused against naive (each once: minutes on the full model)
+    # one rebuild of the whole pool: dense v1 and v2 against the raw draw of as many seeds (the
+    # median above, scaled), and low-rank at each rank (each once: minutes on the real model)
     big = coeffs(s.replay_pool)
-    t_fused = _timed(lambda: replay_(params, big))
+    per_seed = {v: med[f"raw_generator_v{v}_parallel"] / len(few) for v in (1, 2)}
+    pool_out: dict[str, Any] = {"seeds": len(big)}
+    for v in (2, 1):
+        t = _timed(lambda v=v: replay_(params, big, version=v))
+        pool_out[f"dense_v{v}_s"] = t
+        pool_out[f"dense_v{v}_s_per_seed"] = t / len(big)
+        pool_out[f"raw_draw_v{v}_s"] = per_seed[v] * len(big)
+    for r in s.ranks:
+        pool_out[f"lowrank_r{r}_s"] = _timed(
+            lambda r=r: replay_z_(params, big, ZSpec(2, "lowrank", r)))
+    out["pool"] = pool_out
     if not s.pool_naive:
-        out["pool"] = {"seeds": len(big), "fused_s": t_fused,
-                       "fused_s_per_seed": t_fused / len(big)}
         return out
     t_naive = _timed(lambda: _naive_replay(params, big))
     t_v0 = _timed(lambda: _naive_replay_v0(params, big))
-    out["pool"] = {"seeds": len(big), "fused_s": t_fused, "naive_perturb_per_seed_s": t_naive,
-                   "naive_v0_sequential_s": t_v0, "speedup_vs_naive": t_naive / t_fused,
-                   "speedup_vs_naive_v0": t_v0 / t_fused}
+    t_fused = pool_out["dense_v1_s"]
+    pool_out |= {"fused_s": t_fused, "naive_perturb_per_seed_s": t_naive,
+                 "naive_v0_sequential_s": t_v0, "speedup_vs_naive": t_naive / t_fused,
+                 "speedup_vs_naive_v0": t_v0 / t_fused}
     return out
 
 
 # -- 3. peak memory -------------------------------------------------------------------------------
 
-MEMORY_OPS = ("inference_forward", "zo_step_default", "zo_step_keep_z", "fedit_lora_step",
+MEMORY_OPS = ("inference_forward", "zo_step_default", "zo_step_keep_z", "zo_step_lowrank",
+              "fedit_lora_step",
               "fedavg_full_step", "device_round", "device_round_keep_z",
               "device_round_w0_in_memory")
 DEVICE_SEEDS = 64  # non-zero accumulators the device's rebuild replays (a few rounds in)
@@ -291,7 +355,7 @@ def memory_worker(s: Setup, op: str) -> dict[str, int]:
     """
     from fedtune.algorithms.local import backprop_step, lm_loss, make_optimizer, run_steps
     from fedtune.data.prompts import TokenizedExample, collate
-    from fedtune.zo import new_z_buffer, zo_loss, zo_step
+    from fedtune.zo import ZSpec, new_z_buffer, zo_loss, zo_step
 
     if op == "fedit_lora_step":
         import peft  # noqa: F401  (library import and init are runtime, not the step's memory)
@@ -299,6 +363,9 @@ def memory_worker(s: Setup, op: str) -> dict[str, int]:
     warm = build_model(micro).train()
     warm(**make_batch(micro)).loss.backward()  # lazy library init (BLAS, oneDNN, autograd)
     del warm
+    from fedtune.zo import philox
+
+    philox.fill_(torch.empty(16), 1, 0)  # load numba and z's compiled kernel: runtime too
     model_dir = _model_dir_on_disk(s) if op.startswith("device_round") else None
     _release()
     base = _status("VmRSS")
@@ -312,9 +379,10 @@ def memory_worker(s: Setup, op: str) -> dict[str, int]:
     elif op.startswith("zo_step"):
         params = trainable(model)
         zbuf = new_z_buffer(params) if op == "zo_step_keep_z" else None
+        spec = ZSpec(2, "lowrank", max(s.ranks)) if op == "zo_step_lowrank" else ZSpec()
 
         def run() -> object:
-            return zo_step(model, params, batch, 3, 5e-4, 1e-7, z_buffer=zbuf)
+            return zo_step(model, params, batch, 3, 5e-4, 1e-7, z_buffer=zbuf, spec=spec)
     else:
         if op == "fedit_lora_step":
             from peft import LoraConfig, get_peft_model
@@ -470,6 +538,8 @@ def run_all(quick: bool, sections: list[str], s: Setup | None = None) -> dict[st
             res["steps"] = {f"{b}x{s.seq}": bench_step(s, model, b) for b in s.step_batches}
         else:
             res["step"] = bench_step(s, model)
+    if "generator" in sections:
+        res["generator"] = bench_generator(s, model)
     if "replay" in sections:
         res["replay"] = bench_replay(s, model)
     del model
@@ -501,6 +571,13 @@ def _table(r: dict[str, Any]) -> str:
         for k, v in st["median_s"].items():
             ratio = st["ratio_vs_two_forwards"].get(k)
             lines.append(f"  {k:30s} {v:10.3f} {'' if ratio is None else f'{ratio:8.2f}'}")
+    if "generator" in r:
+        g = r["generator"]
+        lines += ["", f"generator ({g['values'] / 1e6:.1f}M values)   s   Mvalues/s  "
+                      "ns/value/thread"]
+        for k, t in g["median_s"].items():
+            lines.append(f"  {k:24s} {t:8.3f} {g['throughput_mvalues_per_s'][k]:9.0f} "
+                         f"{g['ns_per_value_per_thread'][k]:8.2f}")
     if "replay" in r:
         rp = r["replay"]
         lines += ["", f"replay ({rp['values_per_run'] / 1e6:.0f}M values per run)   Mvalues/s"]
@@ -510,10 +587,11 @@ def _table(r: dict[str, Any]) -> str:
                      f"   / raw 1 thread {rp['replay_vs_raw_1_thread']:.2f}"
                      f"  (target >= {TARGET_REPLAY})")
         p = rp.get("pool")
-        if p is not None and "fused_s_per_seed" in p:
-            lines.append(f"  {p['seeds']} seeds: fused {p['fused_s']:.1f} s "
-                         f"({p['fused_s_per_seed'] * 1000:.0f} ms per seed)")
-        elif p is not None:
+        if p is not None:
+            lines.append(f"  rebuild of {p['seeds']} seeds: " + ", ".join(
+                f"{k.removesuffix('_s')} {v:.1f} s" for k, v in p.items()
+                if k.endswith("_s") and not k.startswith(("fused", "naive"))))
+        if p is not None and "speedup_vs_naive" in p:
             lines.append(f"  {p['seeds']} seeds: fused {p['fused_s']:.1f} s, naive perturb_ per "
                          f"seed {p['naive_perturb_per_seed_s']:.1f} s "
                          f"({p['speedup_vs_naive']:.2f}x), previous sequential "
@@ -547,9 +625,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--quick", action="store_true", help="small model, few repeats")
-    ap.add_argument("--sections", default="step,replay,memory,bytes,quality",
-                    help="comma-separated subset of step,replay,memory,bytes,quality (quality: "
-                         "Rouge-L at equal rounds on Dolly, see bench/quality.py)")
+    ap.add_argument("--sections", default="step,generator,replay,memory,bytes,quality",
+                    help="comma-separated subset of step,generator,replay,memory,bytes,quality "
+                         "(quality: Rouge-L at equal rounds on Dolly, see bench/quality.py)")
+    ap.add_argument("--ranks", default="1,4,16",
+                    help="ranks of the low-rank perturbations timed beside the dense ones")
     ap.add_argument("--repeats", type=int, help="override the number of timed repeats")
     ap.add_argument("--replay-pool", type=int,
                     help="seeds of the fused-vs-naive replay (0: skip it)")
@@ -563,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     global FULL, QUICK
-    over = {k: v for k, v in (("repeats", args.repeats), ("replay_pool", args.replay_pool))
+    over = {k: v for k, v in (("repeats", args.repeats), ("replay_pool", args.replay_pool),
+                              ("ranks", tuple(int(r) for r in args.ranks.split(","))))
             if v is not None}
     FULL, QUICK = (Setup(**(x.__dict__ | over)) for x in (FULL, QUICK))
     real = Setup(**(real_setup(args.model).__dict__ | over)) if args.model else None

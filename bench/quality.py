@@ -92,6 +92,16 @@ REAL: dict[str, list[str]] = {
               "algorithm.lr=3e-4"],
     "fedavg": ["algorithm.name=fedavg", "algorithm.local_steps=10", "algorithm.batch_size=4",
                "algorithm.lr=1e-5"],
+    # FedKSeed's other z at the same settings (bytes identical: seeds and scalars): generator 1
+    # and low-rank perturbations U V^T / sqrt(r) (unit variance per entry, so the same lr)
+    "fedkseed-v1": ["algorithm.name=fedkseed", "algorithm.fedkseed.k_seeds=1024",
+                    "algorithm.fedkseed.tau=20", "algorithm.fedkseed.batch_size=4",
+                    "algorithm.fedkseed.lr=2e-5", "algorithm.fedkseed.generator=1"],
+    **{f"fedkseed-lowrank-r{r}": [
+        "algorithm.name=fedkseed", "algorithm.fedkseed.k_seeds=1024", "algorithm.fedkseed.tau=20",
+        "algorithm.fedkseed.batch_size=4", "algorithm.fedkseed.lr=2e-5",
+        "algorithm.fedkseed.perturbation=lowrank", f"algorithm.fedkseed.rank={r}"]
+       for r in (1, 4, 16)},
     "fedmezo": ["algorithm.name=fedmezo", "algorithm.fedmezo.tau=20",
                 "algorithm.fedmezo.batch_size=4", "algorithm.fedmezo.lr=1e-3"],
     "fedzo": ["algorithm.name=fedzo", "algorithm.fedzo.tau=20", "algorithm.fedzo.batch_size=4",
