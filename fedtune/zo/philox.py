@@ -190,7 +190,7 @@ def _kernel():  # type: ignore[no-untyped-def]
                      boundscheck=False, no_cpython_wrapper=False)
 
     @jit
-    def philox(first, nb, k0, k1, c2, c3, w0_, w1_, w2_, w3_):
+    def philox(first, nb, k0, k1, c2, c3, wa, wc):  # wa = [x0 | x2], wc = [x1 | x3]
         for b in range(nb):
             blk = u64(first) + u64(b)
             x0, x1, x2, x3 = u32(blk & lo), u32(blk >> s32), u32(c2), u32(c3)
@@ -202,15 +202,15 @@ def _kernel():  # type: ignore[no-untyped-def]
                 y2 = u32(u32(p0 >> s32) ^ x3 ^ a1)
                 x1, x3, x0, x2 = u32(p1 & lo), u32(p0 & lo), y0, y2
                 a0, a1 = u32(a0 + w0), u32(a1 + w1)
-            w0_[b], w1_[b], w2_[b], w3_[b] = x0, x1, x2, x3
+            wa[b], wc[b], wa[nb + b], wc[nb + b] = x0, x1, x2, x3
 
     @jit
-    def exact_float(n, wa, fw):  # w = 2 (a >> 9) + 1, exactly, as a float
+    def exact_float(n, wa, fw):
         for i in range(n):
             fw[i] = f32(i32(((wa[i] >> u32(9)) << u32(1)) | u32(1)))
 
     @jit
-    def split(n, bits, mb, fe):  # w = 2^e m, m in [sqrt(2)/2, sqrt(2)]; fe = e - 24
+    def split(n, bits, mb, fe):
         for i in range(n):
             bb = bits[i]
             m = (bb & u32(0x7FFFFF)) | u32(0x3F800000)
@@ -219,7 +219,7 @@ def _kernel():  # type: ignore[no-untyped-def]
             fe[i] = f32(i32(bb >> u32(23)) - i32(127) + (i32(1) if big else i32(0)) - i32(24))
 
     @jit
-    def radius(n, fm, fe, r):  # r = sqrt(-2 ln u)
+    def radius(n, fm, fe, r):
         for i in range(n):
             m = fm[i]
             q = (m - one) / (m + one)
@@ -229,9 +229,8 @@ def _kernel():  # type: ignore[no-untyped-def]
             r[i] = np.sqrt(mtwo * lnu)
 
     @jit
-    def angle(n, wc, r, out, at):  # values at + 4i, at + 4i + 1: r cos, r sin
-        base = u64(at)  # unsigned indices: no negative-index wraparound test
-        for i in range(u64(n)):
+    def sincos(n, wc, zs, zc):
+        for i in range(n):
             j = ((wc[i] >> u32(9)) + u32(1 << 20)) & u32((1 << 23) - 1)
             k = j >> u32(21)
             x = f32(i32(j & u32((1 << 21) - 1)) - i32(1 << 20)) * step
@@ -241,39 +240,46 @@ def _kernel():  # type: ignore[no-untyped-def]
             odd = (k & u32(1)) == u32(1)
             sn = co if odd else s
             cs = s if odd else co
-            sn = -sn if k >= u32(2) else sn
-            cs = -cs if (k == u32(1) or k == u32(2)) else cs
-            out[base + u64(4) * i] = r[i] * cs
-            out[base + u64(4) * i + u64(1)] = r[i] * sn
+            zs[i] = -sn if k >= u32(2) else sn
+            zc[i] = -cs if (k == u32(1) or k == u32(2)) else cs
 
     @jit
-    def pair(n, wa, wc, out, at, fw, mb, fe, r):
+    def store(nb, r, zs, zc, out, at):
+        base = u64(at)
+        for b in range(u64(nb)):
+            o = base + u64(4) * b
+            out[o] = r[b] * zc[b]
+            out[o + u64(1)] = r[b] * zs[b]
+            out[o + u64(2)] = r[u64(nb) + b] * zc[u64(nb) + b]
+            out[o + u64(3)] = r[u64(nb) + b] * zs[u64(nb) + b]
+
+    @jit
+    def block(first, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, out, at):
+        n = 2 * nb
+        philox(first, nb, k0, k1, c2, c3, wa, wc)
         exact_float(n, wa, fw)
         split(n, fw.view(np.uint32), mb, fe)
         radius(n, mb.view(np.float32), fe, r)
-        angle(n, wc, r, out, at)
+        sincos(n, wc, fw, fe)
+        store(nb, r, fw, fe, out, at)
 
     @jit
-    def fill(out, first, k0, k1, c2, c3, w0_, w1_, w2_, w3_, fw, mb, fe, r, tail):
-        page = w0_.size
+    def fill(out, first, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, tail):
+        page = wa.size // 2
         n = out.size
         full = n // 4
         done = 0
         while done < full:
             nb = min(page, full - done)
-            philox(first + done, nb, k0, k1, c2, c3, w0_, w1_, w2_, w3_)
-            pair(nb, w0_, w1_, out, 4 * done, fw, mb, fe, r)
-            pair(nb, w2_, w3_, out, 4 * done + 2, fw, mb, fe, r)
+            block(first + done, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, out, 4 * done)
             done += nb
         rest = n - 4 * full
         if rest:
-            philox(first + full, 1, k0, k1, c2, c3, w0_, w1_, w2_, w3_)
-            pair(1, w0_, w1_, tail, 0, fw, mb, fe, r)
-            pair(1, w2_, w3_, tail, 2, fw, mb, fe, r)
+            block(first + full, 1, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, tail, 0)
             for i in range(rest):
                 out[4 * full + i] = tail[i]
 
-    fill.parts = (philox, pair)
+    fill.parts = (philox, block)
     return fill
 
 
@@ -284,9 +290,9 @@ class _Scratch:
     """Per-thread scratch of the kernel (uint32 words, float32 temporaries, one tail block)."""
 
     def __init__(self) -> None:
-        self.w = [np.empty(PAGE_BLOCKS, np.uint32) for _ in range(4)]
-        self.f = [np.empty(PAGE_BLOCKS, np.float32), np.empty(PAGE_BLOCKS, np.uint32),
-                  np.empty(PAGE_BLOCKS, np.float32), np.empty(PAGE_BLOCKS, np.float32)]
+        self.w = [np.empty(2 * PAGE_BLOCKS, np.uint32) for _ in range(2)]
+        self.f = [np.empty(2 * PAGE_BLOCKS, np.float32), np.empty(2 * PAGE_BLOCKS, np.uint32),
+                  np.empty(2 * PAGE_BLOCKS, np.float32), np.empty(2 * PAGE_BLOCKS, np.float32)]
         self.tail = np.empty(4, np.float32)
 
 
