@@ -5,8 +5,10 @@ log replays with the version it was made with.
 
 Version 2 (the default): Philox4x32-10 counters and an exact-operation Box-Muller, documented
 bit for bit in :mod:`fedtune.zo.philox`. Every value is a function of (seed, parameter index,
-position), so every parameter is cut into pages that all threads share, and a CUDA parameter is
-drawn on its device.
+position), so :func:`perturb_`, :func:`replay_` and :func:`fill_z_` cut every CPU parameter into
+``PIECE``-value pieces that all threads share (the tied embedding, a fifth of SmolLM2, no longer
+falls to one thread), and a parameter on another device (CUDA) is drawn there, with torch
+operations, in one piece. The same values whatever the pieces, chunks and threads (tested).
 
 Version 1 (runs made before version 2; changing it changes every such model ever replayed):
 
@@ -28,7 +30,7 @@ Precision: the ±εz perturb/restore is exact only up to rounding, and at ZO lea
 most single updates vanish in fp16/bf16. Every master weight these functions change must be
 float32; the functions refuse anything else rather than silently drift.
 
-Speed (none of this changes a single bit of the result):
+Speed of version 1 (none of this changes a single bit of the result):
 
 * **Parallel over parameters.** The streams of different parameters are independent, so
   :func:`perturb_`, :func:`replay_` and :func:`fill_z_` hand one
