@@ -264,22 +264,39 @@ def _kernel():  # type: ignore[no-untyped-def]
         store(nb, r, fw, fe, out, at)
 
     @jit
-    def fill(out, first, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, tail):
-        page = wa.size // 2
-        n = out.size
+    def axpy(dst, dst_at, src, src_at, n, s):  # dst[i] <- dst[i] + s * src[i], two roundings
+        a, b = u64(dst_at), u64(src_at)
+        for i in range(u64(n)):
+            dst[a + i] = dst[a + i] + s * src[b + i]
+
+    @jit
+    def fill(out, theta, s, mode, first, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, page, tail):
+        # mode 0: out <- z;  1: theta <- theta + s z (out unused: z passes through `page`);
+        # 2: both. out / theta hold values first*4 ...; n is the length of the one in use.
+        npage = wa.size // 2
+        n = theta.size if mode == 1 else out.size
         full = n // 4
         done = 0
         while done < full:
-            nb = min(page, full - done)
-            block(first + done, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, out, 4 * done)
+            nb = min(npage, full - done)
+            if mode == 1:
+                block(first + done, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, page, 0)
+                axpy(theta, 4 * done, page, 0, 4 * nb, s)
+            else:
+                block(first + done, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, out, 4 * done)
+                if mode == 2:
+                    axpy(theta, 4 * done, out, 4 * done, 4 * nb, s)
             done += nb
         rest = n - 4 * full
         if rest:
             block(first + full, 1, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, tail, 0)
-            for i in range(rest):
-                out[4 * full + i] = tail[i]
+            if mode != 1:
+                for i in range(rest):
+                    out[4 * full + i] = tail[i]
+            if mode != 0:
+                axpy(theta, 4 * full, tail, 0, rest, s)
 
-    fill.parts = (philox, block)
+    fill.parts = (philox, block, axpy)
     return fill
 
 
@@ -293,6 +310,7 @@ class _Scratch:
         self.w = [np.empty(2 * PAGE_BLOCKS, np.uint32) for _ in range(2)]
         self.f = [np.empty(2 * PAGE_BLOCKS, np.float32), np.empty(2 * PAGE_BLOCKS, np.uint32),
                   np.empty(2 * PAGE_BLOCKS, np.float32), np.empty(2 * PAGE_BLOCKS, np.float32)]
+        self.page = np.empty(4 * PAGE_BLOCKS, np.float32)
         self.tail = np.empty(4, np.float32)
 
 
@@ -304,22 +322,68 @@ def compiled() -> bool:
     return _kernel() is not None
 
 
+def _cpu(t: torch.Tensor | None) -> bool:
+    return t is None or (t.device.type == "cpu" and t.is_contiguous()
+                         and t.dtype == torch.float32)
+
+
+def draw_(seed: int, index: int, *, out: torch.Tensor | None = None,
+          add_to: torch.Tensor | None = None, scale: float = 1.0, stream: int = DENSE,
+          offset: int = 0) -> None:
+    """Values offset, offset+1, ... of stream ``stream`` of parameter ``index`` under ``seed``:
+    written into ``out``, and/or added to ``add_to`` times ``scale`` (as :func:`axpy_` does),
+    in one pass (float32 tensors of one length; ``offset`` % 4 == 0)."""
+    if offset % 4:
+        raise ValueError(f"offset must be a multiple of 4, got {offset}")
+    if out is None and add_to is None:
+        raise ValueError("draw_ needs out, add_to or both")
+    for t in (out, add_to):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"z is drawn in float32, got a {t.dtype} tensor")
+    n = (out if out is not None else add_to).numel()  # type: ignore[union-attr]
+    if add_to is not None and add_to.numel() != n:
+        raise ValueError(f"out has {n} values, add_to {add_to.numel()}")
+    kernel = _kernel() if _cpu(out) and _cpu(add_to) else None
+    if kernel is None:
+        device = (out if out is not None else add_to).device  # type: ignore[union-attr]
+        z = draw_torch(n, seed, index, stream, offset, device)
+        if out is not None:
+            out.copy_(z.view(out.shape))
+        if add_to is not None:
+            axpy_(add_to, z.view(add_to.shape), scale)
+        return
+    k0, k1 = split_key(seed)
+    s = _thread_scratch()
+    none = s.tail[:0]
+    mode = 0 if add_to is None else (1 if out is None else 2)
+    kernel(none if out is None else out.view(-1).numpy(),
+           none if add_to is None else add_to.view(-1).numpy(), np.float32(scale), mode,
+           offset // 4, k0, k1, index, stream, *s.w, *s.f, s.page, s.tail)
+
+
+def _thread_scratch() -> _Scratch:
+    s = getattr(_scratch_local, "s", None)
+    if s is None:
+        s = _scratch_local.s = _Scratch()
+    return s
+
+
 def fill_(out: torch.Tensor, seed: int, index: int, stream: int = DENSE, offset: int = 0
           ) -> torch.Tensor:
     """Write values offset .. offset+out.numel()-1 of stream ``stream`` of parameter ``index``
     under ``seed`` into ``out`` (float32; ``offset`` % 4 == 0) and return it."""
-    if out.dtype != torch.float32:
-        raise TypeError(f"out must be float32, got {out.dtype}")
-    if offset % 4:
-        raise ValueError(f"offset must be a multiple of 4, got {offset}")
-    kernel = _kernel() if out.device.type == "cpu" and out.is_contiguous() else None
-    if kernel is None:
-        out.copy_(draw_torch(out.numel(), seed, index, stream, offset,
-                             out.device).view(out.shape))
-        return out
-    k0, k1 = split_key(seed)
-    s = getattr(_scratch_local, "s", None)
-    if s is None:
-        s = _scratch_local.s = _Scratch()
-    kernel(out.view(-1).numpy(), offset // 4, k0, k1, index, stream, *s.w, *s.f, s.tail)
+    draw_(seed, index, out=out, stream=stream, offset=offset)
     return out
+
+
+def axpy_(theta: torch.Tensor, z: torch.Tensor, scale: float) -> None:
+    """theta <- theta + float32(scale) * z, the product and the sum each rounded to float32:
+    the update of every generator-2 move, so a kept z and a redrawn one give the same bits.
+    On the CPU the compiled kernel; elsewhere torch's ``add_`` (on CUDA it may fuse the two
+    roundings into one: equal within rounding)."""
+    kernel = _kernel() if _cpu(theta) and _cpu(z) else None
+    if kernel is None:
+        theta.add_(z, alpha=scale)
+        return
+    kernel.parts[2](theta.view(-1).numpy(), 0, z.view(-1).numpy(), 0, theta.numel(),
+                    np.float32(scale))
