@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 import torch
 
 from fedtune.zo import philox
+from fedtune.zo.perturb import run_tasks
 
 GROUP = 64  # seeds whose factors one matrix product of a replay stacks
 
@@ -97,7 +99,8 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, rank: int)
 
 
 @torch.no_grad()
-def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], rank: int) -> None:
+def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], rank: int, *,
+            workers: int | None = None) -> None:
     """θ ← θ + Σ_s coeffs[s] · z(s): per matrix, products of ``GROUP`` seeds' stacked factors
     (seeds ascending); per vector, the dense sum as in :func:`fedtune.zo.perturb.replay_`."""
     seeds = sorted(s for s, c in coeffs.items() if c != 0.0)
@@ -116,9 +119,28 @@ def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], rank: i
         flat = p.view(m, n)
         for g in range(0, len(seeds), GROUP):
             group = seeds[g:g + GROUP]
-            us, vs = [], []
-            for s in group:
-                u, v = factors(s, i, p, rank)
-                us.append(u.mul_(float(coeffs[s])))
-                vs.append(v)
-            flat.addmm_(torch.cat(us, dim=1), torch.cat(vs, dim=1).T, alpha=scale)
+            us, vs = _stacked_factors(group, i, m, n, rank, p.device, workers)
+            us.mul_(torch.tensor([float(coeffs[s]) for s in group], device=p.device)[:, None])
+            k = len(group) * rank  # columns seed-major, as torch.cat of the seeds' U c_s
+            flat.addmm_(us.view(-1, m, rank).permute(1, 0, 2).reshape(m, k),
+                        vs.view(-1, n, rank).permute(1, 0, 2).reshape(n, k).T, alpha=scale)
+
+
+def _stacked_factors(seeds: Sequence[int], index: int, m: int, n: int, rank: int,
+                     device: torch.device, workers: int | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(len(seeds), m r) and (len(seeds), n r): every seed's U and V, rows drawn in one kernel
+    call per task, U in two halves and V beside them on the threads."""
+    us = torch.empty(len(seeds), m * rank, device=device)
+    vs = torch.empty(len(seeds), n * rank, device=device)
+    half = (len(seeds) + 1) // 2
+    tasks = [(m * rank * half, partial(philox.fill_rows_, us[:half], seeds[:half], index,
+                                       philox.U_STREAM)),
+             (n * rank * len(seeds), partial(philox.fill_rows_, vs, seeds, index,
+                                             philox.V_STREAM))]
+    if half < len(seeds):
+        tasks.append((m * rank * (len(seeds) - half),
+                      partial(philox.fill_rows_, us[half:], seeds[half:], index,
+                              philox.U_STREAM)))
+    run_tasks(tasks, workers)
+    return us, vs

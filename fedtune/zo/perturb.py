@@ -151,7 +151,7 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-def _run(tasks: Sequence[tuple[int, Callable[[], None]]], workers: int | None) -> None:
+def run_tasks(tasks: Sequence[tuple[int, Callable[[], object]]], workers: int | None) -> None:
     """Run (size, task) pairs: sequentially, or on ``workers`` threads, largest first."""
     n = torch.get_num_threads() if workers is None else workers
     if n < 1:
@@ -205,9 +205,14 @@ def _whole(p: torch.Tensor, a: int, b: int) -> bool:
 
 @torch.no_grad()
 def _perturb_v2(p: torch.Tensor, index: int, a: int, b: int, seed: int, scale: float) -> None:
-    # z drawn page by page inside the kernel and added as it goes (philox.axpy_'s arithmetic)
-    philox.draw_(seed, index, add_to=p[a:b] if not _whole(p, a, b) else p, scale=scale,
-                 offset=a)
+    if _whole(p, a, b):
+        p.add_(philox.draw_torch(p.numel(), seed, index, device=p.device).view(p.shape),
+               alpha=scale)
+        return
+    for c, e in chunk_bounds_v2(a, b):  # drawn in cache, added with torch's add_ (as add_z_)
+        z = _scratch(e - c)
+        philox.fill_(z, seed, index, offset=c)
+        p[c:e].add_(z, alpha=scale)
 
 
 def chunk_bounds_v2(a: int, b: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
@@ -237,9 +242,9 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
     """
     _check_fp32(params)
     if check_version(version) == 2:
-        _run(_v2_tasks(params, _perturb_v2, seed, scale), workers)
+        run_tasks(_v2_tasks(params, _perturb_v2, seed, scale), workers)
         return
-    _run([(p.numel(), partial(_perturb_one, p, seed, i, scale))
+    run_tasks([(p.numel(), partial(_perturb_one, p, seed, i, scale))
           for i, p in enumerate(params)], workers)
 
 
@@ -300,9 +305,9 @@ def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], *,
         return
     cs = [float(coeffs[s]) for s in seeds]
     if check_version(version) == 2:
-        _run(_v2_tasks(params, _replay_v2, seeds, cs), workers)
+        run_tasks(_v2_tasks(params, _replay_v2, seeds, cs), workers)
         return
-    _run([(p.numel(), partial(_replay_one, p, i, seeds, cs))
+    run_tasks([(p.numel(), partial(_replay_one, p, i, seeds, cs))
           for i, p in enumerate(params)], workers)
 
 
@@ -335,54 +340,16 @@ def fill_z_(buffers: Sequence[torch.Tensor], seed: int, *, workers: int | None =
     """buffers[i] ← z(seed)_i (bitwise :func:`z_for`), in parallel."""
     _check_fp32(buffers)
     if check_version(version) == 2:
-        _run(_v2_tasks(buffers, _fill_v2, seed), workers)
+        run_tasks(_v2_tasks(buffers, _fill_v2, seed), workers)
         return
-    _run([(b.numel(), partial(_fill_one, b, seed, i)) for i, b in enumerate(buffers)],
+    run_tasks([(b.numel(), partial(_fill_one, b, seed, i)) for i, b in enumerate(buffers)],
          workers)
 
 
 @torch.no_grad()
-def _fill_add_v2(buf: torch.Tensor, index: int, a: int, b: int, params: Sequence[torch.Tensor],
-                 seed: int, scale: float) -> None:
-    p = params[index]
-    if _whole(buf, a, b) or not (p.device.type == "cpu" and p.is_contiguous()):
-        _fill_v2(buf, index, 0, buf.numel(), seed)
-        philox.axpy_(p, buf, scale)
-    else:
-        philox.draw_(seed, index, out=buf[a:b], add_to=p.view(-1)[a:b], scale=scale, offset=a)
-
-
-@torch.no_grad()
-def fill_add_z_(buffers: Sequence[torch.Tensor], params: Sequence[torch.Tensor], seed: int,
-                scale: float, *, workers: int | None = None) -> None:
-    """Generator 2: buffers[i] ← z(seed)_i and θ_i ← θ_i + scale · z(seed)_i in one pass (the
-    first move of a kept-z step): bitwise :func:`fill_z_` then :func:`add_z_`."""
-    _check_fp32(buffers)
+def add_z_(params: Sequence[torch.Tensor], z: Sequence[torch.Tensor], scale: float) -> None:
+    """θ ← θ + scale · z for a z held in memory (bitwise as :func:`perturb_` with its seed:
+    both add with torch's ``add_``, whose vectorised loop fuses the multiply and the add)."""
     _check_fp32(params)
-    _run(_v2_tasks(buffers, _fill_add_v2, params, seed, scale), workers)
-
-
-@torch.no_grad()
-def _axpy_v2(p: torch.Tensor, index: int, a: int, b: int, z: Sequence[torch.Tensor],
-             scale: float) -> None:
-    zi = z[index]
-    if _whole(p, a, b) or not (zi.device.type == "cpu" and zi.is_contiguous()):
-        philox.axpy_(p, zi.view(p.shape), scale)
-    else:
-        philox.axpy_(p[a:b], zi.view(-1)[a:b], scale)
-
-
-@torch.no_grad()
-def add_z_(params: Sequence[torch.Tensor], z: Sequence[torch.Tensor], scale: float, *,
-           workers: int | None = None, version: int = GENERATOR_VERSION) -> None:
-    """θ ← θ + scale · z for a z held in memory (bitwise as :func:`perturb_` with its seed and
-    ``version``: generator 2 adds with :func:`fedtune.zo.philox.axpy_`, in pieces on the
-    threads; generator 1 with torch's ``add_``)."""
-    _check_fp32(params)
-    if len(params) != len(z):
-        raise ValueError(f"{len(params)} parameters but {len(z)} z tensors")
-    if check_version(version) == 2:
-        _run(_v2_tasks(params, _axpy_v2, z, scale), workers)
-        return
     for p, zi in zip(params, z, strict=True):
         p.add_(zi, alpha=scale)

@@ -65,6 +65,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -296,7 +297,14 @@ def _kernel():  # type: ignore[no-untyped-def]
             if mode != 0:
                 axpy(theta, 4 * full, tail, 0, rest, s)
 
-    fill.parts = (philox, block, axpy)
+    @jit
+    def fill_rows(out, k0s, k1s, c2, c3, wa, wc, fw, mb, fe, r, page, tail):
+        # row g of out <- values 0 .. of the stream under key (k0s[g], k1s[g])
+        for g in range(out.shape[0]):
+            fill(out[g], tail[:0], f32(0.0), 0, 0, k0s[g], k1s[g], c2, c3, wa, wc, fw, mb, fe,
+                 r, page, tail)
+
+    fill.parts = (philox, block, axpy, fill_rows)
     return fill
 
 
@@ -373,6 +381,24 @@ def fill_(out: torch.Tensor, seed: int, index: int, stream: int = DENSE, offset:
     """Write values offset .. offset+out.numel()-1 of stream ``stream`` of parameter ``index``
     under ``seed`` into ``out`` (float32; ``offset`` % 4 == 0) and return it."""
     draw_(seed, index, out=out, stream=stream, offset=offset)
+    return out
+
+
+def fill_rows_(out: torch.Tensor, seeds: Sequence[int], index: int, stream: int = DENSE
+               ) -> torch.Tensor:
+    """Row g of ``out`` (G, L) <- values 0 .. L-1 of stream ``stream`` of parameter ``index``
+    under ``seeds[g]``: many seeds' draws in one call (a low-rank rebuild's factors)."""
+    if out.dim() != 2 or out.shape[0] != len(seeds):
+        raise ValueError(f"out must be ({len(seeds)}, L), got {tuple(out.shape)}")
+    kernel = _kernel() if _cpu(out) else None
+    if kernel is None:
+        for g, seed in enumerate(seeds):
+            draw_(seed, index, out=out[g], stream=stream)
+        return out
+    keys = np.array([split_key(seed) for seed in seeds], dtype=np.int64).reshape(-1, 2)
+    s = _thread_scratch()
+    kernel.parts[3](out.numpy(), keys[:, 0].copy(), keys[:, 1].copy(), index, stream, *s.w,
+                    *s.f, s.page, s.tail)
     return out
 
 

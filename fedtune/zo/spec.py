@@ -59,6 +59,6 @@ def replay_z_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], spec:
               workers: int | None = None) -> None:
     """θ ← θ + Σ_s coeffs[s] · z(s) with the z of ``spec``."""
     if spec.lowrank:
-        lowrank.replay_(params, coeffs, spec.rank)
+        lowrank.replay_(params, coeffs, spec.rank, workers=workers)
     else:
         replay_(params, coeffs, workers=workers, version=spec.generator)

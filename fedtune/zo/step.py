@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from fedtune.zo import lowrank
-from fedtune.zo.perturb import add_z_, fill_add_z_, fill_z_, new_z_buffer, perturb_
+from fedtune.zo.perturb import add_z_, fill_z_, new_z_buffer, perturb_
 from fedtune.zo.spec import ZSpec
 
 DEFAULT = ZSpec()
@@ -93,28 +93,17 @@ def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], s
         if len(z) != len(params) or any(
                 a.shape != b.shape for a, b in zip(z, params, strict=True)):
             raise ValueError("z_buffer must hold one tensor shaped like each parameter")
-        def move(scale: float) -> None:
-            add_z_(params, z, scale, workers=workers, version=spec.generator)
-
-        if spec.generator == 2:  # the draw and the first move in one pass
-            def first(scale: float) -> None:
-                fill_add_z_(z, params, seed, scale, workers=workers)
-        else:
-            def first(scale: float) -> None:
-                fill_z_(z, seed, workers=workers, version=1)
-                move(scale)
-        return _two_point(objective, eps, lr, move, g_max, first)
+        fill_z_(z, seed, workers=workers, version=spec.generator)
+        return _two_point(objective, eps, lr, lambda scale: add_z_(params, z, scale), g_max)
     return _two_point(objective, eps, lr,
                       lambda scale: perturb_(params, seed, scale, workers=workers,
                                              version=spec.generator), g_max)
 
 
 def _two_point(objective: Callable[[], float], eps: float, lr: float,
-               move: Callable[[float], None], g_max: float = 0.0,
-               first: Callable[[float], None] | None = None) -> ZOStep | None:
-    """The step itself, ``move(scale)`` adding scale·z in place (``first`` for the first move,
-    when that also draws z)."""
-    (first or move)(eps)
+               move: Callable[[float], None], g_max: float = 0.0) -> ZOStep | None:
+    """The step itself, ``move(scale)`` adding scale·z in place."""
+    move(eps)
     loss_plus = objective()
     move(-2.0 * eps)
     loss_minus = objective()
