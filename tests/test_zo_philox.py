@@ -277,3 +277,20 @@ def test_version_2_perturb_draws_on_the_device_of_the_parameter():
     view = base.t()  # not contiguous
     perturb_([view], 5, 1.0, version=2)
     assert torch.equal(view, z_for(5, 0, (10, 6), 2))
+
+
+def test_draw_can_add_as_it_draws():
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(4 * P.PAGE_BLOCKS * 2 + 7, generator=g)
+    z = P.fill_(torch.empty_like(theta), 8, 2, offset=16)
+    want = theta.clone()
+    P.axpy_(want, z, 1e-3)
+    added, both, out = theta.clone(), theta.clone(), torch.empty_like(theta)
+    P.draw_(8, 2, add_to=added, scale=1e-3, offset=16)
+    P.draw_(8, 2, out=out, add_to=both, scale=1e-3, offset=16)
+    assert torch.equal(added, want) and torch.equal(both, want) and torch.equal(out, z)
+    # the same two roundings, written out
+    assert torch.equal(want, theta + (torch.tensor(1e-3, dtype=torch.float32) * z))
+    rows = P.fill_rows_(torch.empty(3, 10), [5, 2**40, 7], 4, P.U_STREAM)
+    for row, seed in zip(rows, [5, 2**40, 7], strict=True):
+        assert torch.equal(row, P.fill_(torch.empty(10), seed, 4, P.U_STREAM))

@@ -403,10 +403,12 @@ def fill_rows_(out: torch.Tensor, seeds: Sequence[int], index: int, stream: int 
 
 
 def axpy_(theta: torch.Tensor, z: torch.Tensor, scale: float) -> None:
-    """theta <- theta + float32(scale) * z, the product and the sum each rounded to float32:
-    the update of every generator-2 move, so a kept z and a redrawn one give the same bits.
-    On the CPU the compiled kernel; elsewhere torch's ``add_`` (on CUDA it may fuse the two
-    roundings into one: equal within rounding)."""
+    """theta <- theta + float32(scale) * z, the product and the sum each rounded to float32
+    (what :func:`draw_` with ``add_to`` does as it draws). On the CPU the compiled kernel;
+    elsewhere torch's ``add_``, whose vectorised loops fuse the two roundings into one (equal
+    within rounding, not bit for bit). :mod:`fedtune.zo.perturb`'s moves use torch's ``add_``
+    everywhere: it measured faster than this kernel on 2 threads (0.034 s against 0.060 s a pass
+    over SmolLM2)."""
     kernel = _kernel() if _cpu(theta) and _cpu(z) else None
     if kernel is None:
         theta.add_(z, alpha=scale)
