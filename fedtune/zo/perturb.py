@@ -198,14 +198,14 @@ def _v2_tasks(params: Sequence[torch.Tensor], one: Callable[..., None], *args: o
     return tasks
 
 
-def _whole(p: torch.Tensor, a: int, b: int) -> bool:
+def _whole(p: torch.Tensor) -> bool:
     """Whether a version-2 task covers a whole non-CPU or non-contiguous parameter."""
     return not (p.device.type == "cpu" and p.dim() == 1 and p.is_contiguous())
 
 
 @torch.no_grad()
 def _perturb_v2(p: torch.Tensor, index: int, a: int, b: int, seed: int, scale: float) -> None:
-    if _whole(p, a, b):
+    if _whole(p):
         p.add_(philox.draw_torch(p.numel(), seed, index, device=p.device).view(p.shape),
                alpha=scale)
         return
@@ -251,7 +251,7 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
 @torch.no_grad()
 def _replay_v2(p: torch.Tensor, index: int, a: int, b: int, seeds: Sequence[int],
                coeffs: Sequence[float]) -> None:
-    if _whole(p, a, b):
+    if _whole(p):
         acc = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         for s, c in zip(seeds, coeffs, strict=True):
             acc.add_(philox.draw_torch(p.numel(), s, index, device=p.device).view(p.shape),
@@ -328,7 +328,7 @@ def _fill_one(buf: torch.Tensor, seed: int, index: int) -> None:
 
 @torch.no_grad()
 def _fill_v2(buf: torch.Tensor, index: int, a: int, b: int, seed: int) -> None:
-    if _whole(buf, a, b):
+    if _whole(buf):
         buf.copy_(philox.draw_torch(buf.numel(), seed, index, device=buf.device).view(buf.shape))
     else:
         philox.fill_(buf[a:b], seed, index, offset=a)
