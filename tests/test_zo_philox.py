@@ -202,6 +202,61 @@ def test_lowrank_replay_of_the_steps_equals_the_trained_model():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rank,inner", [(1, 3), (3, 6), (2, 1000)])
+def test_lowrank_replay_in_groups_equals_the_sum_of_the_seeds(monkeypatch, rank, inner):
+    """The rebuild's stacked products, cut into groups of ``INNER // rank`` seeds (one seed per
+    group, several, all in one), equal Σ_s c_s z(s) within float32 rounding."""
+    monkeypatch.setattr(lowrank, "INNER", inner)
+    g = torch.Generator().manual_seed(4)
+    ps = [torch.randn(10, 7, generator=g), torch.randn(5, generator=g),
+          torch.randn(3, 2, 2, generator=g)]
+    coeffs = {s: float(c) for s, c in zip([9, 2**63 + 5, 4, 17, 33], torch.randn(5).tolist(),
+                                          strict=True)}
+    coeffs[8] = 0.0  # skipped
+    want = [p.clone() for p in ps]
+    for s, c in coeffs.items():
+        for i, p in enumerate(want):
+            p.add_(lowrank.z_lowrank(s, i, p, rank), alpha=c)
+    lowrank.replay_(ps, coeffs, rank)
+    for a, b in zip(ps, want, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_filling_z_can_make_the_first_move_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randn(300, 17, generator=g), torch.randn(7, generator=g),
+          torch.randn(40, 9, generator=g).T]  # the last one not contiguous: filled, then added
+    z, fused = new_z_buffer(ps), [p.clone() for p in ps]
+    fill_z_(z, 2**40 + 3, workers=2, add_to=fused, scale=1e-3)
+    want = [p.clone() for p in ps]
+    for p, zi in zip(want, z, strict=True):
+        p.add_(zi, alpha=1e-3)
+    for i, (a, b) in enumerate(zip(fused, want, strict=True)):
+        assert torch.equal(a, b), i
+        assert torch.equal(z[i], z_for(2**40 + 3, i, ps[i].shape, 2))
+    with pytest.raises(ValueError, match="add_to"):
+        fill_z_(z, 1, add_to=ps[:2], scale=1.0)
+
+
+def test_shares_cover_every_value_once_cut_on_blocks():
+    from fedtune.zo.perturb import _shares
+    sizes = [10, 3, 1001, 0, 64, 7]
+    for n in (1, 2, 3, 8, 50):
+        shares = _shares(sizes, n)
+        assert 1 <= len(shares) <= n
+        seen = [[] for _ in sizes]
+        for share in shares:
+            for i, a, b in share:
+                assert a % 4 == 0 and a < b <= sizes[i]
+                seen[i].append((a, b))
+        for i, size in enumerate(sizes):
+            spans = sorted(seen[i])
+            assert sum(b - a for a, b in spans) == size
+            assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+    total = sum(sizes)
+    assert max(sum(b - a for _, a, b in s) for s in _shares(sizes, 4)) <= total // 4 + 8
+
+
 # -- the version travels ------------------------------------------------------------------------
 
 def test_wire_carries_the_z_and_refuses_another():
@@ -283,14 +338,14 @@ def test_draw_can_add_as_it_draws():
     g = torch.Generator().manual_seed(3)
     theta = torch.randn(4 * P.PAGE_BLOCKS * 2 + 7, generator=g)
     z = P.fill_(torch.empty_like(theta), 8, 2, offset=16)
-    want = theta.clone()
-    P.axpy_(want, z, 1e-3)
+    want = theta.clone().add_(z, alpha=1e-3)  # torch's add_: one fused multiply-add
+    mine = theta.clone()
+    P.axpy_(mine, z, 1e-3)
+    assert torch.equal(mine, want)
     added, both, out = theta.clone(), theta.clone(), torch.empty_like(theta)
     P.draw_(8, 2, add_to=added, scale=1e-3, offset=16)
     P.draw_(8, 2, out=out, add_to=both, scale=1e-3, offset=16)
     assert torch.equal(added, want) and torch.equal(both, want) and torch.equal(out, z)
-    # the same two roundings, written out
-    assert torch.equal(want, theta + (torch.tensor(1e-3, dtype=torch.float32) * z))
     rows = P.fill_rows_(torch.empty(3, 10), [5, 2**40, 7], 4, P.U_STREAM)
     for row, seed in zip(rows, [5, 2**40, 7], strict=True):
         assert torch.equal(row, P.fill_(torch.empty(10), seed, 4, P.U_STREAM))

@@ -26,15 +26,16 @@ which a fixed seed pool does not need.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
+import numpy as np
 import torch
 
 from fedtune.zo import philox
 from fedtune.zo.perturb import run_tasks
 
-GROUP = 64  # seeds whose factors one matrix product of a replay stacks
+INNER = 256  # the inner dimension (seeds x rank) of one matrix product of a replay
 
 
 def is_matrix(p: torch.Tensor) -> bool:
@@ -101,46 +102,63 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, rank: int)
 @torch.no_grad()
 def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], rank: int, *,
             workers: int | None = None) -> None:
-    """θ ← θ + Σ_s coeffs[s] · z(s): per matrix, products of ``GROUP`` seeds' stacked factors
-    (seeds ascending); per vector, the dense sum as in :func:`fedtune.zo.perturb.replay_`."""
+    """θ ← θ + Σ_s coeffs[s] · z(s), seeds ascending: per matrix, products of the stacked,
+    coefficient-scaled factors of up to ``INNER // rank`` seeds at a time; per vector, the same
+    seeds' dense z drawn as the rows of one matrix and summed by one matrix-vector product.
+    The stacks live in buffers reused from matrix to matrix (fresh ones would page-fault)."""
     seeds = sorted(s for s, c in coeffs.items() if c != 0.0)
     if not seeds:
         return
     scale = 1.0 / math.sqrt(rank)
+    group = max(1, INNER // rank)
+    ws = _Workspace()
+    keys = philox.seed_array(seeds)
+    cs = torch.tensor([float(coeffs[s]) for s in seeds])
     for i, p in enumerate(params):
-        if not is_matrix(p):
-            acc = torch.zeros_like(p, dtype=torch.float32)
-            z = torch.empty_like(acc)
-            for s in seeds:
-                acc.add_(philox.fill_(z, s, i), alpha=float(coeffs[s]))
-            p.add_(acc)
-            continue
-        m, n = _dims(p)
-        flat = p.view(m, n)
-        for g in range(0, len(seeds), GROUP):
-            group = seeds[g:g + GROUP]
-            us, vs = _stacked_factors(group, i, m, n, rank, p.device, workers)
-            us.mul_(torch.tensor([float(coeffs[s]) for s in group], device=p.device)[:, None])
-            k = len(group) * rank  # columns seed-major, as torch.cat of the seeds' U c_s
-            flat.addmm_(us.view(-1, m, rank).permute(1, 0, 2).reshape(m, k),
-                        vs.view(-1, n, rank).permute(1, 0, 2).reshape(n, k).T, alpha=scale)
+        for g in range(0, len(seeds), group):
+            part = keys[g:g + group]
+            c = cs[g:g + group].to(p.device)
+            if not is_matrix(p):
+                zs = ws.get("z", (len(part), p.numel()), p.device)
+                run_tasks(_row_tasks(zs, part, i, philox.DENSE), workers)
+                p.view(-1).addmv_(zs.T, c)
+                continue
+            m, n = _dims(p)
+            k = len(part) * rank
+            us, vs = ws.get("u", (len(part), m * rank), p.device), \
+                ws.get("v", (len(part), n * rank), p.device)
+            run_tasks(_row_tasks(us, part, i, philox.U_STREAM)
+                      + _row_tasks(vs, part, i, philox.V_STREAM), workers)
+            # columns seed-major (seed g's r columns side by side), V's scaled by the seed's c
+            if rank == 1:
+                ucols = us.T
+            else:
+                ucols = ws.get("uc", (m, k), p.device)
+                ucols.view(m, len(part), rank).copy_(us.view(-1, m, rank).permute(1, 0, 2))
+            vcols = ws.get("vc", (n, k), p.device)
+            torch.mul(vs.view(-1, n, rank).permute(1, 0, 2), c[None, :, None],
+                      out=vcols.view(n, len(part), rank))
+            p.view(m, n).addmm_(ucols, vcols.T, alpha=scale)
 
 
-def _stacked_factors(seeds: Sequence[int], index: int, m: int, n: int, rank: int,
-                     device: torch.device, workers: int | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(len(seeds), m r) and (len(seeds), n r): every seed's U and V, rows drawn in one kernel
-    call per task, U in two halves and V beside them on the threads."""
-    us = torch.empty(len(seeds), m * rank, device=device)
-    vs = torch.empty(len(seeds), n * rank, device=device)
+class _Workspace:
+    """Named float32 buffers, grown when a larger one is asked for, handed out as views."""
+
+    def __init__(self) -> None:
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < n or buf.device != device:
+            buf = self.bufs[name] = torch.empty(n, dtype=torch.float32, device=device)
+        return buf[:n].view(shape)
+
+
+def _row_tasks(out: torch.Tensor, seeds: np.ndarray, index: int, stream: int
+               ) -> list[tuple[int, Callable[[], object]]]:
+    """Tasks drawing row g of ``out`` as stream ``stream`` under seeds[g], in two halves."""
     half = (len(seeds) + 1) // 2
-    tasks = [(m * rank * half, partial(philox.fill_rows_, us[:half], seeds[:half], index,
-                                       philox.U_STREAM)),
-             (n * rank * len(seeds), partial(philox.fill_rows_, vs, seeds, index,
-                                             philox.V_STREAM))]
-    if half < len(seeds):
-        tasks.append((m * rank * (len(seeds) - half),
-                      partial(philox.fill_rows_, us[half:], seeds[half:], index,
-                              philox.U_STREAM)))
-    run_tasks(tasks, workers)
-    return us, vs
+    cut = [(0, half), (half, len(seeds))] if half < len(seeds) else [(0, len(seeds))]
+    return [((b - a) * out.shape[1],
+             partial(philox.fill_rows_, out[a:b], seeds[a:b], index, stream)) for a, b in cut]

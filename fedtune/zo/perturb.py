@@ -5,10 +5,13 @@ log replays with the version it was made with.
 
 Version 2 (the default): Philox4x32-10 counters and an exact-operation Box-Muller, documented
 bit for bit in :mod:`fedtune.zo.philox`. Every value is a function of (seed, parameter index,
-position), so :func:`perturb_`, :func:`replay_` and :func:`fill_z_` cut every CPU parameter into
-``PIECE``-value pieces that all threads share (the tied embedding, a fifth of SmolLM2, no longer
-falls to one thread), and a parameter on another device (CUDA) is drawn there, with torch
-operations, in one piece. The same values whatever the pieces, chunks and threads (tested).
+position), so :func:`perturb_`, :func:`replay_` and :func:`fill_z_` cut the values of all CPU
+parameters into ``SHARES_PER_WORKER`` near-equal shares per thread, cutting inside a tensor
+where a share ends (the tied embedding, a fifth of SmolLM2, no longer falls to one thread), and
+a parameter on another device (CUDA) is drawn there, with torch operations, in one piece. The
+compiled kernel draws a page at a time in cache and adds it to θ (or to a replay's
+accumulator) there, as torch's ``add_`` adds: one fused multiply-add, so every path gives the
+same bits. The same values whatever the shares, chunks and threads (tested).
 
 Version 1 (runs made before version 2; changing it changes every such model ever replayed):
 
@@ -66,7 +69,8 @@ from fedtune.zo import philox
 
 GENERATOR_VERSION = 2  # what new runs use
 GENERATORS = (1, 2)
-PIECE = 1 << 18  # values of a version-2 task: a parameter is cut into pieces for the threads
+MIN_PARALLEL = 1 << 20  # values: fewer are drawn in the calling thread (see run_tasks)
+SHARES_PER_WORKER = 4  # version-2 tasks per thread: near equal shares of all the values
 CHUNK = 32752  # a multiple of 16; CHUNK + 15 <= 32768, torch's intra-op grain size
 _MIN_TAIL = 16  # a chunk shorter than this would take normal_'s scalar path: merge it
 
@@ -152,11 +156,13 @@ def _executor(workers: int) -> ThreadPoolExecutor:
 
 
 def run_tasks(tasks: Sequence[tuple[int, Callable[[], object]]], workers: int | None) -> None:
-    """Run (size, task) pairs: sequentially, or on ``workers`` threads, largest first."""
+    """Run (size, task) pairs: sequentially, or on ``workers`` threads, largest first. Tasks of
+    fewer than ``MIN_PARALLEL`` values in all run in the calling thread: handing work to the
+    pool and back costs 0.3-1 ms (measured on 2 cores), more than drawing that much."""
     n = torch.get_num_threads() if workers is None else workers
     if n < 1:
         raise ValueError(f"workers must be >= 1, got {n}")
-    if n == 1 or len(tasks) <= 1:
+    if n == 1 or len(tasks) <= 1 or sum(size for size, _ in tasks) < MIN_PARALLEL:
         for _, task in tasks:
             task()
         return
@@ -179,23 +185,50 @@ def _chunkable(p: torch.Tensor) -> bool:
 
 # -- the in-place operations --------------------------------------------------------------------
 
-def _pieces(n: int) -> list[tuple[int, int]]:
-    """[start, end) pieces of a version-2 parameter: ``PIECE`` long, starts multiples of 4."""
-    return [(a, min(a + PIECE, n)) for a in range(0, n, PIECE)]
+def _shares(sizes: Sequence[int], n: int) -> list[list[tuple[int, int, int]]]:
+    """The values of tensors of ``sizes``, in order, cut into at most ``n`` shares of near
+    equal size: each a list of (tensor index, start, end) segments, every cut inside a tensor
+    at a multiple of 4 (a version-2 draw starts on a block)."""
+    target = max(4, -(-sum(sizes) // n))
+    shares: list[list[tuple[int, int, int]]] = [[]]
+    room = target
+    for i, size in enumerate(sizes):
+        a = 0
+        while a < size:
+            b = size if len(shares) == n else min(size, a + room)
+            b = min(size, b + (-b) % 4)
+            shares[-1].append((i, a, b))
+            room -= b - a
+            a = b
+            if room <= 0 and len(shares) < n:
+                shares.append([])
+                room = target
+    return [share for share in shares if share]
 
 
-def _v2_tasks(params: Sequence[torch.Tensor], one: Callable[..., None], *args: object
-              ) -> list[tuple[int, Callable[[], None]]]:
-    """Version-2 tasks: ``one(p_flat, index, start, end, *args)`` per piece of each CPU
-    parameter, one task for a whole parameter elsewhere (a CUDA tensor: drawn on its device)."""
+def _v2_tasks(params: Sequence[torch.Tensor], one: Callable[..., None], *args: object,
+              workers: int | None = None) -> list[tuple[int, Callable[[], None]]]:
+    """Version-2 tasks: the CPU parameters' values cut into ``SHARES_PER_WORKER`` shares per
+    worker, a task calling ``one(p_flat, index, start, end, *args)`` on each segment of its
+    share; one task for a whole parameter elsewhere (a CUDA tensor: drawn on its device).
+    A few large tasks rather than many pieces: each hand-over to the pool costs ~0.1 ms."""
+    n = torch.get_num_threads() if workers is None else workers
     tasks: list[tuple[int, Callable[[], None]]] = []
+    cpu = [i for i, p in enumerate(params) if p.device.type == "cpu" and p.is_contiguous()]
     for i, p in enumerate(params):
-        if p.device.type == "cpu" and p.is_contiguous():
-            flat = p.view(-1)
-            tasks += [(b - a, partial(one, flat, i, a, b, *args)) for a, b in _pieces(p.numel())]
-        else:
+        if i not in set(cpu):
             tasks.append((p.numel(), partial(one, p, i, 0, p.numel(), *args)))
+    for share in _shares([params[i].numel() for i in cpu], max(1, n) * SHARES_PER_WORKER):
+        segments = [(params[cpu[j]].view(-1), cpu[j], a, b) for j, a, b in share]
+        tasks.append((sum(b - a for _, a, b in share),
+                      partial(_run_segments, one, segments, args)))
     return tasks
+
+
+def _run_segments(one: Callable[..., None], segments: Sequence[tuple[torch.Tensor, int, int, int]],
+                  args: Sequence[object]) -> None:
+    for flat, i, a, b in segments:
+        one(flat, i, a, b, *args)
 
 
 def _whole(p: torch.Tensor) -> bool:
@@ -209,14 +242,12 @@ def _perturb_v2(p: torch.Tensor, index: int, a: int, b: int, seed: int, scale: f
         p.add_(philox.draw_torch(p.numel(), seed, index, device=p.device).view(p.shape),
                alpha=scale)
         return
-    for c, e in chunk_bounds_v2(a, b):  # drawn in cache, added with torch's add_ (as add_z_)
-        z = _scratch(e - c)
-        philox.fill_(z, seed, index, offset=c)
-        p[c:e].add_(z, alpha=scale)
+    # drawn a page at a time in cache and added as torch's add_ adds (one fused multiply-add)
+    philox.draw_(seed, index, add_to=p[a:b], scale=scale, offset=a)
 
 
 def chunk_bounds_v2(a: int, b: int, chunk: int = CHUNK) -> list[tuple[int, int]]:
-    """[start, end) chunks of the piece [a, b): starts stay multiples of 4."""
+    """[start, end) chunks of the segment [a, b): starts stay multiples of 4."""
     return [(c, min(c + chunk, b)) for c in range(a, b, chunk)]
 
 
@@ -238,11 +269,11 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
     """θ ← θ + scale · z(seed), in place, in parallel (bitwise as sequential).
 
     z is drawn a chunk at a time into a per-thread scratch buffer: no full-size z in memory.
-    Version 1 parallelises over parameters, version 2 over pieces of every parameter.
+    Version 1 parallelises over parameters, version 2 over shares of all the values.
     """
     _check_fp32(params)
     if check_version(version) == 2:
-        run_tasks(_v2_tasks(params, _perturb_v2, seed, scale), workers)
+        run_tasks(_v2_tasks(params, _perturb_v2, seed, scale, workers=workers), workers)
         return
     run_tasks([(p.numel(), partial(_perturb_one, p, seed, i, scale))
           for i, p in enumerate(params)], workers)
@@ -259,11 +290,10 @@ def _replay_v2(p: torch.Tensor, index: int, a: int, b: int, seeds: Sequence[int]
         p.add_(acc)
         return
     for c0, e in chunk_bounds_v2(a, b):
-        z, acc = _scratch(e - c0, 0), _scratch(e - c0, 1)
+        acc = _scratch(e - c0, 1)
         acc.zero_()
-        for s, c in zip(seeds, coeffs, strict=True):
-            philox.fill_(z, s, index, offset=c0)
-            acc.add_(z, alpha=c)
+        for s, c in zip(seeds, coeffs, strict=True):  # acc += c z(s), as torch's add_ adds
+            philox.draw_(s, index, add_to=acc, scale=c, offset=c0)
         p[c0:e].add_(acc)
 
 
@@ -290,7 +320,7 @@ def _replay_one(p: torch.Tensor, index: int, seeds: Sequence[int],
 @torch.no_grad()
 def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], *,
             workers: int | None = None, version: int = GENERATOR_VERSION) -> None:
-    """θ ← θ + Σ_s coeffs[s] · z(s), fused per parameter (piece), in parallel.
+    """θ ← θ + Σ_s coeffs[s] · z(s), fused per parameter (share), in parallel.
 
     For each parameter, acc = Σ_s c_s z(s)_i is accumulated in float32 over the seeds in
     ascending order (so the result does not depend on the mapping's order: two replays of the
@@ -305,7 +335,7 @@ def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], *,
         return
     cs = [float(coeffs[s]) for s in seeds]
     if check_version(version) == 2:
-        run_tasks(_v2_tasks(params, _replay_v2, seeds, cs), workers)
+        run_tasks(_v2_tasks(params, _replay_v2, seeds, cs, workers=workers), workers)
         return
     run_tasks([(p.numel(), partial(_replay_one, p, i, seeds, cs))
           for i, p in enumerate(params)], workers)
@@ -327,23 +357,43 @@ def _fill_one(buf: torch.Tensor, seed: int, index: int) -> None:
 
 
 @torch.no_grad()
-def _fill_v2(buf: torch.Tensor, index: int, a: int, b: int, seed: int) -> None:
-    if _whole(buf):
-        buf.copy_(philox.draw_torch(buf.numel(), seed, index, device=buf.device).view(buf.shape))
+def _fill_v2(buf: torch.Tensor, index: int, a: int, b: int, seed: int,
+             add_to: Sequence[torch.Tensor] | None, scale: float) -> None:
+    theta = None if add_to is None else add_to[index]
+    if _whole(buf):  # a CUDA or non-contiguous tensor: drawn there in one piece with torch
+        z = philox.draw_torch(buf.numel(), seed, index, device=buf.device).view(buf.shape)
+        buf.copy_(z)
+        if theta is not None:
+            theta.add_(z, alpha=scale)
     else:
-        philox.fill_(buf[a:b], seed, index, offset=a)
+        philox.draw_(seed, index, out=buf[a:b], scale=scale, offset=a,
+                     add_to=None if theta is None else theta.view(-1)[a:b])
 
 
 @torch.no_grad()
 def fill_z_(buffers: Sequence[torch.Tensor], seed: int, *, workers: int | None = None,
-            version: int = GENERATOR_VERSION) -> None:
-    """buffers[i] ← z(seed)_i (bitwise :func:`z_for`), in parallel."""
+            version: int = GENERATOR_VERSION, add_to: Sequence[torch.Tensor] | None = None,
+            scale: float = 0.0) -> None:
+    """buffers[i] ← z(seed)_i (bitwise :func:`z_for`), in parallel. With ``add_to`` (the
+    parameters), also add_to[i] ← add_to[i] + scale · z: version 2 adds each page as it is
+    drawn, while it is in cache; the result is bitwise :func:`add_z_` after the fill."""
     _check_fp32(buffers)
+    if add_to is not None:
+        _check_fp32(add_to)
+        if len(add_to) != len(buffers) or any(
+                t.shape != z.shape for t, z in zip(add_to, buffers, strict=True)):
+            raise ValueError("add_to must hold one tensor shaped like each buffer")
+    fused = add_to is not None and version == 2 and all(
+        t.is_contiguous() == z.is_contiguous() and t.device == z.device
+        for t, z in zip(add_to, buffers, strict=True))
     if check_version(version) == 2:
-        run_tasks(_v2_tasks(buffers, _fill_v2, seed), workers)
-        return
-    run_tasks([(b.numel(), partial(_fill_one, b, seed, i)) for i, b in enumerate(buffers)],
-         workers)
+        run_tasks(_v2_tasks(buffers, _fill_v2, seed, add_to if fused else None, scale,
+                            workers=workers), workers)
+    else:
+        run_tasks([(b.numel(), partial(_fill_one, b, seed, i)) for i, b in enumerate(buffers)],
+                  workers)
+    if add_to is not None and not fused:
+        add_z_(add_to, buffers, scale)
 
 
 @torch.no_grad()

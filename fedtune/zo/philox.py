@@ -171,141 +171,15 @@ def draw_torch(n: int, seed: int, index: int, stream: int = DENSE, offset: int =
 
 @lru_cache(maxsize=1)
 def _kernel():  # type: ignore[no-untyped-def]
-    """The numba kernel ``fill(out, first_block, k0, k1, c2, c3, *scratch)``,
-    compiled on first use (cached on disk), or None without numba."""
+    """The module of numba kernels (:mod:`fedtune.zo._philox_numba`: ``fill``, ``fill_rows``,
+    ``axpy``), loaded on first use from numba's on-disk cache, or None without numba."""
     try:
-        import numba  # type: ignore[import-untyped]
+        from fedtune.zo import _philox_numba
     except ImportError:  # pragma: no cover - numba is a dependency; a platform may lack it
         log.warning("numba is not installed: generator-2 draws use torch operations (the same "
                     "values, several times slower on a CPU)")
         return None
-    u32, u64, i32, f32 = np.uint32, np.uint64, np.int32, np.float32
-    m0, m1, w0, w1 = u64(M0), u64(M1), u32(W0), u32(W1)
-    lo, s32 = u64(MASK32), u64(32)
-    ln2, step = LN2, ANGLE_STEP
-    l0, l1, l2, l3 = LOG_COEFFS
-    sa, sb, sc, sd = SIN_COEFFS
-    ca, cb, cc, cd = COS_COEFFS
-    one, half, two, mtwo = f32(1.0), f32(0.5), f32(2.0), f32(-2.0)
-    jit = numba.njit(nogil=True, cache=True, fastmath=False, error_model="numpy",
-                     boundscheck=False, no_cpython_wrapper=False)
-
-    @jit
-    def philox(first, nb, k0, k1, c2, c3, wa, wc):  # wa = [x0 | x2], wc = [x1 | x3]
-        for b in range(nb):
-            blk = u64(first) + u64(b)
-            x0, x1, x2, x3 = u32(blk & lo), u32(blk >> s32), u32(c2), u32(c3)
-            a0, a1 = u32(k0), u32(k1)
-            for _ in range(10):
-                p0 = u64(x0) * m0
-                p1 = u64(x2) * m1
-                y0 = u32(u32(p1 >> s32) ^ x1 ^ a0)
-                y2 = u32(u32(p0 >> s32) ^ x3 ^ a1)
-                x1, x3, x0, x2 = u32(p1 & lo), u32(p0 & lo), y0, y2
-                a0, a1 = u32(a0 + w0), u32(a1 + w1)
-            wa[b], wc[b], wa[nb + b], wc[nb + b] = x0, x1, x2, x3
-
-    @jit
-    def exact_float(n, wa, fw):
-        for i in range(n):
-            fw[i] = f32(i32(((wa[i] >> u32(9)) << u32(1)) | u32(1)))
-
-    @jit
-    def split(n, bits, mb, fe):
-        for i in range(n):
-            bb = bits[i]
-            m = (bb & u32(0x7FFFFF)) | u32(0x3F800000)
-            big = m > u32(SQRT2_BITS)
-            mb[i] = m - (u32(1 << 23) if big else u32(0))
-            fe[i] = f32(i32(bb >> u32(23)) - i32(127) + (i32(1) if big else i32(0)) - i32(24))
-
-    @jit
-    def radius(n, fm, fe, r):
-        for i in range(n):
-            m = fm[i]
-            q = (m - one) / (m + one)
-            q2 = q * q
-            p = ((((l0 * q2 + l1) * q2 + l2) * q2 + l3) * q2 + one)
-            lnu = (two * q) * p + fe[i] * ln2
-            r[i] = np.sqrt(mtwo * lnu)
-
-    @jit
-    def sincos(n, wc, zs, zc):
-        for i in range(n):
-            j = ((wc[i] >> u32(9)) + u32(1 << 20)) & u32((1 << 23) - 1)
-            k = j >> u32(21)
-            x = f32(i32(j & u32((1 << 21) - 1)) - i32(1 << 20)) * step
-            x2 = x * x
-            s = x + (x * x2) * (((sa * x2 - sb) * x2 + sc) * x2 - sd)
-            co = one + x2 * (((((-ca) * x2 + cb) * x2 - cc) * x2 + cd) * x2 - half)
-            odd = (k & u32(1)) == u32(1)
-            sn = co if odd else s
-            cs = s if odd else co
-            zs[i] = -sn if k >= u32(2) else sn
-            zc[i] = -cs if (k == u32(1) or k == u32(2)) else cs
-
-    @jit
-    def store(nb, r, zs, zc, out, at):
-        base = u64(at)
-        for b in range(u64(nb)):
-            o = base + u64(4) * b
-            out[o] = r[b] * zc[b]
-            out[o + u64(1)] = r[b] * zs[b]
-            out[o + u64(2)] = r[u64(nb) + b] * zc[u64(nb) + b]
-            out[o + u64(3)] = r[u64(nb) + b] * zs[u64(nb) + b]
-
-    @jit
-    def block(first, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, out, at):
-        n = 2 * nb
-        philox(first, nb, k0, k1, c2, c3, wa, wc)
-        exact_float(n, wa, fw)
-        split(n, fw.view(np.uint32), mb, fe)
-        radius(n, mb.view(np.float32), fe, r)
-        sincos(n, wc, fw, fe)
-        store(nb, r, fw, fe, out, at)
-
-    @jit
-    def axpy(dst, dst_at, src, src_at, n, s):  # dst[i] <- dst[i] + s * src[i], two roundings
-        a, b = u64(dst_at), u64(src_at)
-        for i in range(u64(n)):
-            dst[a + i] = dst[a + i] + s * src[b + i]
-
-    @jit
-    def fill(out, theta, s, mode, first, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, page, tail):
-        # mode 0: out <- z;  1: theta <- theta + s z (out unused: z passes through `page`);
-        # 2: both. out / theta hold values first*4 ...; n is the length of the one in use.
-        npage = wa.size // 2
-        n = theta.size if mode == 1 else out.size
-        full = n // 4
-        done = 0
-        while done < full:
-            nb = min(npage, full - done)
-            if mode == 1:
-                block(first + done, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, page, 0)
-                axpy(theta, 4 * done, page, 0, 4 * nb, s)
-            else:
-                block(first + done, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, out, 4 * done)
-                if mode == 2:
-                    axpy(theta, 4 * done, out, 4 * done, 4 * nb, s)
-            done += nb
-        rest = n - 4 * full
-        if rest:
-            block(first + full, 1, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, tail, 0)
-            if mode != 1:
-                for i in range(rest):
-                    out[4 * full + i] = tail[i]
-            if mode != 0:
-                axpy(theta, 4 * full, tail, 0, rest, s)
-
-    @jit
-    def fill_rows(out, k0s, k1s, c2, c3, wa, wc, fw, mb, fe, r, page, tail):
-        # row g of out <- values 0 .. of the stream under key (k0s[g], k1s[g])
-        for g in range(out.shape[0]):
-            fill(out[g], tail[:0], f32(0.0), 0, 0, k0s[g], k1s[g], c2, c3, wa, wc, fw, mb, fe,
-                 r, page, tail)
-
-    fill.parts = (philox, block, axpy, fill_rows)
-    return fill
+    return _philox_numba
 
 
 PAGE_BLOCKS = 1024  # blocks a kernel call computes at a time (its scratch stays in L1/L2)
@@ -364,7 +238,7 @@ def draw_(seed: int, index: int, *, out: torch.Tensor | None = None,
     s = _thread_scratch()
     none = s.tail[:0]
     mode = 0 if add_to is None else (1 if out is None else 2)
-    kernel(none if out is None else out.view(-1).numpy(),
+    kernel.fill(none if out is None else out.view(-1).numpy(),
            none if add_to is None else add_to.view(-1).numpy(), np.float32(scale), mode,
            offset // 4, k0, k1, index, stream, *s.w, *s.f, s.page, s.tail)
 
@@ -384,10 +258,11 @@ def fill_(out: torch.Tensor, seed: int, index: int, stream: int = DENSE, offset:
     return out
 
 
-def fill_rows_(out: torch.Tensor, seeds: Sequence[int], index: int, stream: int = DENSE
-               ) -> torch.Tensor:
+def fill_rows_(out: torch.Tensor, seeds: Sequence[int] | np.ndarray, index: int,
+               stream: int = DENSE) -> torch.Tensor:
     """Row g of ``out`` (G, L) <- values 0 .. L-1 of stream ``stream`` of parameter ``index``
-    under ``seeds[g]``: many seeds' draws in one call (a low-rank rebuild's factors)."""
+    under ``seeds[g]``: many seeds' draws in one call (a low-rank rebuild's factors). ``seeds``
+    may be a uint64 array (:func:`seed_array`), which saves converting it on every call."""
     if out.dim() != 2 or out.shape[0] != len(seeds):
         raise ValueError(f"out must be ({len(seeds)}, L), got {tuple(out.shape)}")
     kernel = _kernel() if _cpu(out) else None
@@ -395,23 +270,31 @@ def fill_rows_(out: torch.Tensor, seeds: Sequence[int], index: int, stream: int 
         for g, seed in enumerate(seeds):
             draw_(seed, index, out=out[g], stream=stream)
         return out
-    keys = np.array([split_key(seed) for seed in seeds], dtype=np.int64).reshape(-1, 2)
+    keys = seed_array(seeds)
     s = _thread_scratch()
-    kernel.parts[3](out.numpy(), keys[:, 0].copy(), keys[:, 1].copy(), index, stream, *s.w,
-                    *s.f, s.page, s.tail)
+    kernel.fill_rows(out.numpy(), (keys & MASK32).astype(np.int64),
+                     (keys >> np.uint64(32)).astype(np.int64), index, stream, *s.w, *s.f,
+                     s.page, s.tail)
     return out
 
 
+def seed_array(seeds: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Pool seeds as a uint64 array (each must be in [0, 2^64), as :func:`split_key` asks)."""
+    if isinstance(seeds, np.ndarray) and seeds.dtype == np.uint64:
+        return seeds
+    for seed in seeds:
+        split_key(int(seed))
+    return np.array([int(seed) for seed in seeds], dtype=np.uint64)
+
+
 def axpy_(theta: torch.Tensor, z: torch.Tensor, scale: float) -> None:
-    """theta <- theta + float32(scale) * z, the product and the sum each rounded to float32
-    (what :func:`draw_` with ``add_to`` does as it draws). On the CPU the compiled kernel;
-    elsewhere torch's ``add_``, whose vectorised loops fuse the two roundings into one (equal
-    within rounding, not bit for bit). :mod:`fedtune.zo.perturb`'s moves use torch's ``add_``
-    everywhere: it measured faster than this kernel on 2 threads (0.034 s against 0.060 s a pass
-    over SmolLM2)."""
+    """theta <- theta + float32(scale) * z as torch's ``theta.add_(z, alpha=scale)`` computes
+    it (one fused multiply-add per value where the CPU has one), bit for bit: the compiled
+    kernel on the CPU, torch's ``add_`` elsewhere. :func:`draw_` with ``add_to`` adds the same
+    way as it draws, so a move made while drawing equals one made afterwards with torch."""
     kernel = _kernel() if _cpu(theta) and _cpu(z) else None
     if kernel is None:
         theta.add_(z, alpha=scale)
         return
-    kernel.parts[2](theta.view(-1).numpy(), 0, z.view(-1).numpy(), 0, theta.numel(),
+    kernel.axpy(theta.view(-1).numpy(), 0, z.view(-1).numpy(), 0, theta.numel(),
                     np.float32(scale))

@@ -93,17 +93,21 @@ def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], s
         if len(z) != len(params) or any(
                 a.shape != b.shape for a, b in zip(z, params, strict=True)):
             raise ValueError("z_buffer must hold one tensor shaped like each parameter")
-        fill_z_(z, seed, workers=workers, version=spec.generator)
-        return _two_point(objective, eps, lr, lambda scale: add_z_(params, z, scale), g_max)
+        # the first move, θ + εz, made while z is drawn (bitwise add_z_ after the fill)
+        fill_z_(z, seed, workers=workers, version=spec.generator, add_to=params, scale=eps)
+        return _two_point(objective, eps, lr, lambda scale: add_z_(params, z, scale), g_max,
+                          moved=True)
     return _two_point(objective, eps, lr,
                       lambda scale: perturb_(params, seed, scale, workers=workers,
                                              version=spec.generator), g_max)
 
 
 def _two_point(objective: Callable[[], float], eps: float, lr: float,
-               move: Callable[[float], None], g_max: float = 0.0) -> ZOStep | None:
-    """The step itself, ``move(scale)`` adding scale·z in place."""
-    move(eps)
+               move: Callable[[float], None], g_max: float = 0.0, moved: bool = False
+               ) -> ZOStep | None:
+    """The step itself, ``move(scale)`` adding scale·z in place (``moved``: θ + εz is made)."""
+    if not moved:
+        move(eps)
     loss_plus = objective()
     move(-2.0 * eps)
     loss_minus = objective()
