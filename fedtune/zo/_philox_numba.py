@@ -7,9 +7,9 @@ recompiled in every process: 3-6 s at the first draw.) Imported only by
 :func:`fedtune.zo.philox._kernel`, and only when numba is installed.
 
 The draw runs page by page (``PAGE_BLOCKS`` blocks of four values) through small per-thread
-scratch arrays that stay in L1/L2, one simple loop per stage so that each loop vectorises:
-Philox, the exact float of the radius word, its split into exponent and mantissa, the radius,
-the sine and cosine, the store. ``axpy`` lets the compiler contract ``dst + s * src`` into a
+scratch arrays that stay in L1/L2, in simple loops that vectorise: Philox, the exact float of
+the radius word, its split into exponent and mantissa, then radius, sine, cosine and the store of
+both pairs of a block in one loop. ``axpy`` lets the compiler contract ``dst + s * src`` into a
 fused multiply-add, which is what torch's ``add_(src, alpha=s)`` computes on the CPU (vectorised
 loop and tail alike; tested bit for bit), so a move made as z is drawn equals a move made
 afterwards with torch.
@@ -90,41 +90,43 @@ def split(n, bits, mb, fe):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def radius(n, fm, fe, r):  # type: ignore[no-untyped-def]
-    for i in range(n):
-        m = fm[i]
-        q = (m - _ONE) / (m + _ONE)
-        q2 = q * q
-        p = ((((_L0 * q2 + _L1) * q2 + _L2) * q2 + _L3) * q2 + _ONE)
-        lnu = (_TWO * q) * p + fe[i] * LN2
-        r[i] = np.sqrt(_MTWO * lnu)
+def radius(m, e):  # type: ignore[no-untyped-def]
+    """sqrt(-2 ln u) of the uniform u = 2^e m (m in [1/sqrt 2, sqrt 2), e the float e - 24)."""
+    q = (m - _ONE) / (m + _ONE)
+    q2 = q * q
+    p = ((((_L0 * q2 + _L1) * q2 + _L2) * q2 + _L3) * q2 + _ONE)
+    return np.sqrt(_MTWO * ((_TWO * q) * p + e * LN2))
 
 
 @_jit
-def sincos(n, wc, zs, zc):  # type: ignore[no-untyped-def]
-    for i in range(n):
-        j = ((wc[i] >> u32(9)) + u32(1 << 20)) & u32((1 << 23) - 1)
-        k = j >> u32(21)
-        x = f32(i32(j & u32((1 << 21) - 1)) - i32(1 << 20)) * ANGLE_STEP
-        x2 = x * x
-        s = x + (x * x2) * (((_SA * x2 - _SB) * x2 + _SC) * x2 - _SD)
-        co = _ONE + x2 * (((((-_CA) * x2 + _CB) * x2 - _CC) * x2 + _CD) * x2 - _HALF)
-        odd = (k & u32(1)) == u32(1)
-        sn = co if odd else s
-        cs = s if odd else co
-        zs[i] = -sn if k >= u32(2) else sn
-        zc[i] = -cs if (k == u32(1) or k == u32(2)) else cs
+def sincos(w):  # type: ignore[no-untyped-def]
+    """(sin, cos) of the angle of the word w."""
+    j = ((w >> u32(9)) + u32(1 << 20)) & u32((1 << 23) - 1)
+    k = j >> u32(21)
+    x = f32(i32(j & u32((1 << 21) - 1)) - i32(1 << 20)) * ANGLE_STEP
+    x2 = x * x
+    s = x + (x * x2) * (((_SA * x2 - _SB) * x2 + _SC) * x2 - _SD)
+    co = _ONE + x2 * (((((-_CA) * x2 + _CB) * x2 - _CC) * x2 + _CD) * x2 - _HALF)
+    odd = (k & u32(1)) == u32(1)
+    sn = co if odd else s
+    cs = s if odd else co
+    return (-sn if k >= u32(2) else sn), (-cs if (k == u32(1) or k == u32(2)) else cs)
 
 
 @_jit
-def store(nb, r, zs, zc, out, at):  # type: ignore[no-untyped-def]
-    base = u64(at)
+def finish(nb, fm, fe, wc, out, at):  # type: ignore[no-untyped-def]
+    """Both Box-Muller pairs of each of nb blocks into out[at + 4 b .. at + 4 b + 3]: one loop
+    (measured 5 % faster than a loop per stage through scratch arrays)."""
+    base, half = u64(at), u64(nb)
     for b in range(u64(nb)):
         o = base + u64(4) * b
-        out[o] = r[b] * zc[b]
-        out[o + u64(1)] = r[b] * zs[b]
-        out[o + u64(2)] = r[u64(nb) + b] * zc[u64(nb) + b]
-        out[o + u64(3)] = r[u64(nb) + b] * zs[u64(nb) + b]
+        r0, r1 = radius(fm[b], fe[b]), radius(fm[half + b], fe[half + b])
+        s0, c0 = sincos(wc[b])
+        s1, c1 = sincos(wc[half + b])
+        out[o] = r0 * c0
+        out[o + u64(1)] = r0 * s0
+        out[o + u64(2)] = r1 * c1
+        out[o + u64(3)] = r1 * s1
 
 
 @_jit
@@ -133,9 +135,7 @@ def transform(nb, wa, wc, fw, mb, fe, r, out, at):  # type: ignore[no-untyped-de
     n = 2 * nb
     exact_float(n, wa, fw)
     split(n, fw.view(np.uint32), mb, fe)
-    radius(n, mb.view(np.float32), fe, r)
-    sincos(n, wc, fw, fe)
-    store(nb, r, fw, fe, out, at)
+    finish(nb, mb.view(np.float32), fe, wc, out, at)
 
 
 @_jit
