@@ -143,12 +143,12 @@ def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 def bench_step(s: Setup, model: torch.nn.Module | None = None, batch_size: int | None = None
                ) -> dict[str, Any]:
-    from fedtune.zo import ZSpec, new_z_buffer, zo_loss, zo_step
+    from fedtune.zo import KeptZ, ZSpec, zo_loss, zo_step
 
     model = build_model(s) if model is None else model
     batch = make_batch(s, batch_size)
     params = trainable(model)
-    zbuf = new_z_buffer(params)
+    kept = KeptZ(params)  # as a FedKSeed device with keep_z: z kept, the last move deferred
     seeds = iter(range(10**9))
 
     def step(**kw: Any) -> Callable[[], object]:
@@ -156,8 +156,8 @@ def bench_step(s: Setup, model: torch.nn.Module | None = None, batch_size: int |
 
     cases = {
         "two_forwards": lambda: (zo_loss(model, batch), zo_loss(model, batch)),
-        "zo_step_keep_z_v1": step(keep_z=True, z_buffer=zbuf, spec=ZSpec(1)),
-        "zo_step_keep_z_v2": step(keep_z=True, z_buffer=zbuf, spec=ZSpec(2)),
+        "zo_step_keep_z_v1": step(kept=kept, spec=ZSpec(1)),
+        "zo_step_keep_z_v2": step(kept=kept, spec=ZSpec(2)),
         "zo_step_default_v1": step(spec=ZSpec(1)),
         "zo_step_default_v2": step(spec=ZSpec(2)),
         **{f"zo_step_lowrank_r{r}": step(spec=ZSpec(2, "lowrank", r)) for r in s.ranks},

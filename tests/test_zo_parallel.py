@@ -18,7 +18,7 @@ from fedtune.zo.perturb import (
     replay_,
     z_for,
 )
-from fedtune.zo.step import zo_step
+from fedtune.zo.step import KeptZ, zo_step
 
 # shapes that cross chunk boundaries: a tail merged into the last chunk (< 16), a long odd tail,
 # an exact multiple, and small ones under one chunk
@@ -149,13 +149,17 @@ def run_steps(mode, workers):
     ps = [p for p in model.parameters() if p.requires_grad]
     assert max(p.numel() for p in ps) > CHUNK  # the embedding crosses chunk boundaries
     buf = new_z_buffer(ps) if mode == "buffer" else None
+    kept = KeptZ(ps) if mode == "kept" else None
     gs, losses = [], []
     for step, seed in enumerate([11, 2**62 + 3, 11, 404, 7]):
-        kw = {"keep_z": mode != "default", "z_buffer": buf, "workers": workers}
+        kw = {"keep_z": mode not in ("default", "kept"), "z_buffer": buf, "workers": workers,
+              "kept": kept}
         taken = zo_step(model, ps, batch(step, bad=step == 3), seed, 1e-3, 1e-2, **kw)
         gs.append(None if taken is None else taken.g)
         if taken is not None:
             losses.append(taken.loss)
+    if kept is not None:
+        kept.settle()
     return [p.detach().clone() for p in ps], gs, losses
 
 
@@ -163,7 +167,8 @@ def test_keep_z_step_is_bitwise_the_default_step():
     ref, gs, losses = run_steps("default", 1)
     assert gs[3] is None  # all labels masked: a non-finite loss, the step skipped and restored
     assert all(math.isfinite(g) for i, g in enumerate(gs) if i != 3) and len(losses) == 4
-    for mode, workers in (("default", 2), ("keep", 1), ("keep", 2), ("buffer", 2)):
+    for mode, workers in (("default", 2), ("keep", 1), ("keep", 2), ("buffer", 2), ("kept", 1),
+                          ("kept", 2)):
         ps, gs2, losses2 = run_steps(mode, workers)
         assert gs2 == gs and losses2 == losses, (mode, workers)
         assert_bitwise(ps, ref)
@@ -174,3 +179,21 @@ def test_z_buffer_of_the_wrong_shape_is_refused():
     ps = list(model.parameters())
     with pytest.raises(ValueError, match="z_buffer"):
         zo_step(model, ps, batch(0), 1, 1e-3, 1e-2, z_buffer=new_z_buffer(ps[:-1]))
+
+
+def test_a_kept_z_defers_the_last_move_until_settled():
+    model = tiny_model()
+    ps = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in ps]
+    kept = KeptZ(ps)
+    taken = zo_step(model, ps, batch(0), 5, 1e-3, 1e-2, kept=kept)
+    assert taken is not None and kept.pending == pytest.approx(1e-3 - 1e-2 * taken.g)
+    # until settled the parameters sit at θ0 − εz: the deferred move is still to make
+    assert torch.allclose(ps[0], before[0].add(kept.z[0], alpha=-1e-3), rtol=0, atol=1e-6)
+    settled = [p.detach().clone().add_(z, alpha=kept.pending)
+               for p, z in zip(ps, kept.z, strict=True)]
+    kept.settle()
+    assert kept.pending == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(ps, settled, strict=True))
+    with pytest.raises(ValueError, match="other parameters"):
+        zo_step(model, ps[:-1], batch(0), 5, 1e-3, 1e-2, kept=kept)

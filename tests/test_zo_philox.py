@@ -252,7 +252,7 @@ def test_shares_cover_every_value_once_cut_on_blocks():
         for i, size in enumerate(sizes):
             spans = sorted(seen[i])
             assert sum(b - a for a, b in spans) == size
-            assert all(x[1] == y[0] for x, y in zip(spans, spans[1:]))
+            assert all(x[1] == y[0] for x, y in zip(spans, spans[1:], strict=False))
     total = sum(sizes)
     assert max(sum(b - a for _, a, b in s) for s in _shares(sizes, 4)) <= total // 4 + 8
 

@@ -12,7 +12,7 @@ from fedtune.zo.perturb import (
     z_for,
 )
 from fedtune.zo.spec import ZSpec, replay_z_
-from fedtune.zo.step import ZOStep, zo_loss, zo_step, zo_step_on
+from fedtune.zo.step import KeptZ, ZOStep, zo_loss, zo_step, zo_step_on
 
 __all__ = ["add_z_", "fill_z_", "new_z_buffer", "param_seed", "perturb_", "replay_",
-           "z_for", "ZSpec", "replay_z_", "ZOStep", "zo_loss", "zo_step", "zo_step_on"]
+           "z_for", "ZSpec", "replay_z_", "KeptZ", "ZOStep", "zo_loss", "zo_step", "zo_step_on"]

@@ -182,6 +182,31 @@ def fill(out, theta, s, mode, first, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, page
 
 
 @_jit
+def refill(out, theta, carry, s, first, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, page, tail):  # type: ignore[no-untyped-def]
+    """Page by page: theta <- theta + carry * out (the z out holds), out <- the new z,
+    theta <- theta + s * out. One pass for the last move of a step and the first of the
+    next; each addition as :func:`axpy`'s, in that order, so the bits are those of three
+    separate passes."""
+    npage = wa.size // 2
+    n = out.size
+    full = n // 4
+    done = 0
+    while done < full:
+        nb = min(npage, full - done)
+        axpy(theta, 4 * done, out, 4 * done, 4 * nb, carry)
+        block(first + done, nb, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, out, 4 * done)
+        axpy(theta, 4 * done, out, 4 * done, 4 * nb, s)
+        done += nb
+    rest = n - 4 * full
+    if rest:
+        axpy(theta, 4 * full, out, 4 * full, rest, carry)
+        block(first + full, 1, k0, k1, c2, c3, wa, wc, fw, mb, fe, r, tail, 0)
+        for i in range(rest):
+            out[4 * full + i] = tail[i]
+        axpy(theta, 4 * full, tail, 0, rest, s)
+
+
+@_jit
 def philox_rows(q, nb, bpr, k0s, k1s, c2, c3, wa, wc):  # type: ignore[no-untyped-def]
     """Blocks q .. q+nb-1 of rows of ``bpr`` blocks, row g under the key (k0s[g], k1s[g]):
     block q is block q % bpr of row q // bpr. Words laid out as :func:`philox`'s."""
@@ -216,3 +241,12 @@ def fill_rows(out, k0s, k1s, c2, c3, wa, wc, fw, mb, fe, r, page, tail):  # type
         philox_rows(done, nb, bpr, k0s, k1s, c2, c3, wa, wc)
         transform(nb, wa, wc, fw, mb, fe, r, flat, 4 * done)
         done += nb
+
+
+@_jit
+def accumulate(acc, k0s, k1s, cs, first, c2, c3, wa, wc, fw, mb, fe, r, page, tail):  # type: ignore[no-untyped-def]
+    """acc <- acc + cs[g] z_g for each key g in turn (values 4 first ... of each stream), every
+    addition as :func:`axpy`'s: a replay's accumulator in one call instead of one per seed."""
+    for g in range(k0s.size):
+        fill(tail[:0], acc, cs[g], 1, first, k0s[g], k1s[g], c2, c3, wa, wc, fw, mb, fe, r,
+             page, tail)

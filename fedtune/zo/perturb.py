@@ -280,20 +280,19 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *,
 
 
 @torch.no_grad()
-def _replay_v2(p: torch.Tensor, index: int, a: int, b: int, seeds: Sequence[int],
-               coeffs: Sequence[float]) -> None:
+def _replay_v2(p: torch.Tensor, index: int, a: int, b: int, keys: np.ndarray,
+               coeffs: np.ndarray) -> None:
     if _whole(p):
         acc = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        for s, c in zip(seeds, coeffs, strict=True):
-            acc.add_(philox.draw_torch(p.numel(), s, index, device=p.device).view(p.shape),
-                     alpha=c)
+        for s, c in zip(keys, coeffs, strict=True):
+            acc.add_(philox.draw_torch(p.numel(), int(s), index, device=p.device).view(p.shape),
+                     alpha=float(c))
         p.add_(acc)
         return
     for c0, e in chunk_bounds_v2(a, b):
         acc = _scratch(e - c0, 1)
         acc.zero_()
-        for s, c in zip(seeds, coeffs, strict=True):  # acc += c z(s), as torch's add_ adds
-            philox.draw_(s, index, add_to=acc, scale=c, offset=c0)
+        philox.accumulate_(acc, keys, coeffs, index, offset=c0)  # acc += c z(s), seed by seed
         p[c0:e].add_(acc)
 
 
@@ -335,7 +334,8 @@ def replay_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], *,
         return
     cs = [float(coeffs[s]) for s in seeds]
     if check_version(version) == 2:
-        run_tasks(_v2_tasks(params, _replay_v2, seeds, cs, workers=workers), workers)
+        run_tasks(_v2_tasks(params, _replay_v2, philox.seed_array(seeds),
+                             np.asarray(cs, dtype=np.float32), workers=workers), workers)
         return
     run_tasks([(p.numel(), partial(_replay_one, p, i, seeds, cs))
           for i, p in enumerate(params)], workers)
@@ -358,37 +358,45 @@ def _fill_one(buf: torch.Tensor, seed: int, index: int) -> None:
 
 @torch.no_grad()
 def _fill_v2(buf: torch.Tensor, index: int, a: int, b: int, seed: int,
-             add_to: Sequence[torch.Tensor] | None, scale: float) -> None:
+             add_to: Sequence[torch.Tensor] | None, scale: float, carry: float) -> None:
     theta = None if add_to is None else add_to[index]
     if _whole(buf):  # a CUDA or non-contiguous tensor: drawn there in one piece with torch
+        if theta is not None and carry:
+            theta.add_(buf, alpha=carry)
         z = philox.draw_torch(buf.numel(), seed, index, device=buf.device).view(buf.shape)
         buf.copy_(z)
         if theta is not None:
             theta.add_(z, alpha=scale)
     else:
-        philox.draw_(seed, index, out=buf[a:b], scale=scale, offset=a,
+        philox.draw_(seed, index, out=buf[a:b], scale=scale, offset=a, carry=carry,
                      add_to=None if theta is None else theta.view(-1)[a:b])
 
 
 @torch.no_grad()
 def fill_z_(buffers: Sequence[torch.Tensor], seed: int, *, workers: int | None = None,
             version: int = GENERATOR_VERSION, add_to: Sequence[torch.Tensor] | None = None,
-            scale: float = 0.0) -> None:
+            scale: float = 0.0, carry: float = 0.0) -> None:
     """buffers[i] ← z(seed)_i (bitwise :func:`z_for`), in parallel. With ``add_to`` (the
-    parameters), also add_to[i] ← add_to[i] + scale · z: version 2 adds each page as it is
-    drawn, while it is in cache; the result is bitwise :func:`add_z_` after the fill."""
+    parameters): first add_to[i] ← add_to[i] + carry · buffers[i] (the z the buffers held: a
+    step's deferred last move), then add_to[i] ← add_to[i] + scale · z(seed)_i. Version 2 does
+    both as it draws, a page at a time in cache; the result is bitwise :func:`add_z_` with
+    ``carry``, the fill, then :func:`add_z_` with ``scale``."""
     _check_fp32(buffers)
     if add_to is not None:
         _check_fp32(add_to)
         if len(add_to) != len(buffers) or any(
                 t.shape != z.shape for t, z in zip(add_to, buffers, strict=True)):
             raise ValueError("add_to must hold one tensor shaped like each buffer")
+    elif carry:
+        raise ValueError("carry needs add_to")
     fused = add_to is not None and version == 2 and all(
         t.is_contiguous() == z.is_contiguous() and t.device == z.device
         for t, z in zip(add_to, buffers, strict=True))
+    if add_to is not None and carry and not fused:
+        add_z_(add_to, buffers, carry)
     if check_version(version) == 2:
         run_tasks(_v2_tasks(buffers, _fill_v2, seed, add_to if fused else None, scale,
-                            workers=workers), workers)
+                            carry if fused else 0.0, workers=workers), workers)
     else:
         run_tasks([(b.numel(), partial(_fill_one, b, seed, i)) for i, b in enumerate(buffers)],
                   workers)

@@ -211,10 +211,13 @@ def _cpu(t: torch.Tensor | None) -> bool:
 
 def draw_(seed: int, index: int, *, out: torch.Tensor | None = None,
           add_to: torch.Tensor | None = None, scale: float = 1.0, stream: int = DENSE,
-          offset: int = 0) -> None:
+          offset: int = 0, carry: float = 0.0) -> None:
     """Values offset, offset+1, ... of stream ``stream`` of parameter ``index`` under ``seed``:
     written into ``out``, and/or added to ``add_to`` times ``scale`` (as :func:`axpy_` does),
-    in one pass (float32 tensors of one length; ``offset`` % 4 == 0)."""
+    in one pass (float32 tensors of one length; ``offset`` % 4 == 0). ``carry`` (with both
+    ``out`` and ``add_to``): first add_to ← add_to + carry · out, the values ``out`` holds
+    before the draw, page by page as the new values replace them (a step's deferred last move
+    made in the pass that draws the next step's z)."""
     if offset % 4:
         raise ValueError(f"offset must be a multiple of 4, got {offset}")
     if out is None and add_to is None:
@@ -226,7 +229,11 @@ def draw_(seed: int, index: int, *, out: torch.Tensor | None = None,
     if add_to is not None and add_to.numel() != n:
         raise ValueError(f"out has {n} values, add_to {add_to.numel()}")
     kernel = _kernel() if _cpu(out) and _cpu(add_to) else None
+    if carry and (out is None or add_to is None):
+        raise ValueError("carry needs both out and add_to")
     if kernel is None:
+        if carry and out is not None and add_to is not None:
+            axpy_(add_to, out.view(add_to.shape), carry)
         device = (out if out is not None else add_to).device  # type: ignore[union-attr]
         z = draw_torch(n, seed, index, stream, offset, device)
         if out is not None:
@@ -237,6 +244,11 @@ def draw_(seed: int, index: int, *, out: torch.Tensor | None = None,
     k0, k1 = split_key(seed)
     s = _thread_scratch()
     none = s.tail[:0]
+    if carry:
+        kernel.refill(out.view(-1).numpy(), add_to.view(-1).numpy(),  # type: ignore[union-attr]
+                      np.float32(carry), np.float32(scale), offset // 4, k0, k1, index, stream,
+                      *s.w, *s.f, s.page, s.tail)
+        return
     mode = 0 if add_to is None else (1 if out is None else 2)
     kernel.fill(none if out is None else out.view(-1).numpy(),
            none if add_to is None else add_to.view(-1).numpy(), np.float32(scale), mode,
@@ -276,6 +288,30 @@ def fill_rows_(out: torch.Tensor, seeds: Sequence[int] | np.ndarray, index: int,
                      (keys >> np.uint64(32)).astype(np.int64), index, stream, *s.w, *s.f,
                      s.page, s.tail)
     return out
+
+
+def accumulate_(acc: torch.Tensor, seeds: Sequence[int] | np.ndarray,
+                coeffs: Sequence[float] | np.ndarray,
+                index: int, stream: int = DENSE, offset: int = 0) -> torch.Tensor:
+    """acc ← acc + coeffs[g] · z(seeds[g]) for g = 0, 1, ... in turn, z the values offset ..
+    of stream ``stream`` of parameter ``index``: each addition bitwise torch's
+    ``acc.add_(z, alpha=coeffs[g])``, all of them in one call of the compiled kernel."""
+    if offset % 4:
+        raise ValueError(f"offset must be a multiple of 4, got {offset}")
+    if len(coeffs) != len(seeds):
+        raise ValueError(f"{len(seeds)} seeds but {len(coeffs)} coefficients")
+    kernel = _kernel() if _cpu(acc) else None
+    if kernel is None:
+        for seed, c in zip(seeds, coeffs, strict=True):
+            draw_(int(seed), index, add_to=acc, scale=float(c), stream=stream, offset=offset)
+        return acc
+    keys = seed_array(seeds)
+    s = _thread_scratch()
+    kernel.accumulate(acc.view(-1).numpy(), (keys & MASK32).astype(np.int64),
+                      (keys >> np.uint64(32)).astype(np.int64),
+                      np.asarray(coeffs, dtype=np.float32), offset // 4, index, stream,
+                      *s.w, *s.f, s.page, s.tail)
+    return acc
 
 
 def seed_array(seeds: Sequence[int] | np.ndarray) -> np.ndarray:

@@ -38,6 +38,28 @@ from fedtune.zo.spec import ZSpec
 DEFAULT = ZSpec()
 
 
+class KeptZ:
+    """z kept from step to step (``keep_z``), with each step's last move deferred.
+
+    After a step its last move is not made yet: the parameters' value is
+    ``params + pending · z`` until :meth:`settle`. The next step makes that move in the same
+    pass that draws its own z and makes its first move (version 2: page by page, in cache), so
+    a step costs one draw and two passes over the weights instead of one draw and three; the
+    bits are those of separate passes. Call :meth:`settle` before reading the parameters.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self.z = new_z_buffer(self.params)
+        self.pending = 0.0
+
+    def settle(self) -> None:
+        """Make the deferred move: the parameters hold their true value again."""
+        if self.pending:
+            add_z_(self.params, self.z, self.pending)
+            self.pending = 0.0
+
+
 class ZOStep(NamedTuple):
     """A taken step: the projected gradient g and the step's loss (L⁺ + L⁻) / 2."""
 
@@ -55,8 +77,8 @@ def zo_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
 def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
             batch: Mapping[str, torch.Tensor], seed: int, eps: float, lr: float, *,
             keep_z: bool = False, z_buffer: Sequence[torch.Tensor] | None = None,
-            workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT
-            ) -> ZOStep | None:
+            workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT,
+            kept: KeptZ | None = None) -> ZOStep | None:
     """One ZO-SGD step on ``params`` (the model's trainable parameters, in index order).
 
     Returns (g, (L⁺ + L⁻) / 2), or None when L⁺ or L⁻ is not finite: then θ is restored with
@@ -67,23 +89,40 @@ def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
     every step and implies ``keep_z``. ``workers``: threads for drawing z (default
     ``torch.get_num_threads()``). Neither changes a single bit of the result. ``spec``: which z
     (generator version, dense or low-rank); a low-rank z is always kept, as its factors.
+    ``kept``: a :class:`KeptZ` carried across steps (dense z only): the step's last move is
+    deferred into the next step; settle it before reading the parameters.
     """
     if model.training:
         raise RuntimeError("zo_step needs the model in eval() mode (dropout off)")
     return zo_step_on(lambda: zo_loss(model, batch), params, seed, eps, lr,
                       keep_z=keep_z, z_buffer=z_buffer, workers=workers, g_max=g_max,
-                      spec=spec)
+                      spec=spec, kept=kept)
 
 
 @torch.no_grad()
 def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], seed: int,
                eps: float, lr: float, *, keep_z: bool = False,
                z_buffer: Sequence[torch.Tensor] | None = None,
-               workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT
-               ) -> ZOStep | None:
+               workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT,
+               kept: KeptZ | None = None) -> ZOStep | None:
     """:func:`zo_step` for any scalar ``objective`` of ``params`` (evaluated at θ ± εz; it must
     be deterministic, e.g. a model in ``eval()`` mode on a fixed batch): the language-model loss
     on devices, the distillation loss on a FedPT server."""
+    if kept is not None:
+        if spec.lowrank:
+            raise ValueError("a kept z is dense; a low-rank z is kept as its factors anyway")
+        if len(kept.params) != len(params) or any(
+                a is not b for a, b in zip(kept.params, params, strict=True)):
+            raise ValueError("this KeptZ belongs to other parameters")
+        fill_z_(kept.z, seed, workers=workers, version=spec.generator, add_to=params,
+                scale=eps, carry=kept.pending)  # the last move, the draw, the first move
+        kept.pending = 0.0
+
+        def defer(scale: float) -> None:
+            kept.pending = scale
+
+        return _two_point(objective, eps, lr, lambda scale: add_z_(params, kept.z, scale),
+                          g_max, moved=True, last=defer)
     if spec.lowrank:
         drawn = lowrank.draw(params, seed, spec.rank)
         return _two_point(objective, eps, lr,
@@ -103,19 +142,21 @@ def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], s
 
 
 def _two_point(objective: Callable[[], float], eps: float, lr: float,
-               move: Callable[[float], None], g_max: float = 0.0, moved: bool = False
-               ) -> ZOStep | None:
-    """The step itself, ``move(scale)`` adding scale·z in place (``moved``: θ + εz is made)."""
+               move: Callable[[float], None], g_max: float = 0.0, moved: bool = False,
+               last: Callable[[float], None] | None = None) -> ZOStep | None:
+    """The step itself, ``move(scale)`` adding scale·z in place (``moved``: θ + εz is made;
+    ``last``: what makes the last move instead of ``move``, e.g. deferring it)."""
     if not moved:
         move(eps)
     loss_plus = objective()
     move(-2.0 * eps)
     loss_minus = objective()
+    final = move if last is None else last
     if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-        move(eps)
+        final(eps)
         return None
     g = (loss_plus - loss_minus) / (2.0 * eps)
     if g_max > 0:
         g = min(max(g, -g_max), g_max)
-    move(eps - lr * g)  # restore and update fused: θ₀ − εz + (ε − lr·g) z = θ₀ − lr·g·z
+    final(eps - lr * g)  # restore and update fused: θ₀ − εz + (ε − lr·g) z = θ₀ − lr·g·z
     return ZOStep(g, 0.5 * (loss_plus + loss_minus))

@@ -38,9 +38,8 @@ from fedtune.algorithms.local import run_steps, to_device
 from fedtune.algorithms.params import trainable
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.wire import MessageError
-from fedtune.zo.perturb import new_z_buffer
 from fedtune.zo.spec import ZSpec
-from fedtune.zo.step import zo_step
+from fedtune.zo.step import KeptZ, zo_step
 
 DEFAULT_Z = ZSpec()
 
@@ -84,19 +83,24 @@ def local_zo_train(model: torch.nn.Module, params: Sequence[torch.Tensor], pool:
     """
     indices = draw_seed_indices(len(pool), tau, seed, probs)
     stats = SeedStats()
-    z_buffer = new_z_buffer(params) if keep_z and not z.lowrank else None
+    # keep_z: z kept, each step's last move made as the next step draws its z (settled below)
+    kept = KeptZ(params) if keep_z and not z.lowrank else None
 
     def step(i: int, batch: dict[str, torch.Tensor]) -> float | None:
         taken = zo_step(model, params, to_device(batch, model), pool[indices[i]], eps, lr,
-                        keep_z=keep_z, z_buffer=z_buffer, g_max=g_max, spec=z)
+                        g_max=g_max, spec=z, kept=kept)
         if taken is None:
             return None
         stats.add(indices[i], taken.g, clip)
         return taken.loss
 
-    res = run_steps(model, examples, steps=tau, batch_size=batch_size, seed=seed,
-                    collate=lambda b: collate(b, pad_id), step=step, train_mode=False,
-                    what="ZO")
+    try:
+        res = run_steps(model, examples, steps=tau, batch_size=batch_size, seed=seed,
+                        collate=lambda b: collate(b, pad_id), step=step, train_mode=False,
+                        what="ZO")
+    finally:
+        if kept is not None:
+            kept.settle()
     return stats, res.loss, res.skipped
 
 
