@@ -54,6 +54,9 @@ class ZSpec:
                    int(log.get("rank", 0)))
 
 
+DEFAULT_Z = ZSpec()  # what new runs use: generator 2, dense
+
+
 @torch.no_grad()
 def replay_z_(params: Sequence[torch.Tensor], coeffs: Mapping[int, float], spec: ZSpec, *,
               workers: int | None = None) -> None:

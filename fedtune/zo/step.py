@@ -33,9 +33,7 @@ import torch
 
 from fedtune.zo import lowrank
 from fedtune.zo.perturb import add_z_, fill_z_, new_z_buffer, perturb_
-from fedtune.zo.spec import ZSpec
-
-DEFAULT = ZSpec()
+from fedtune.zo.spec import DEFAULT_Z, ZSpec
 
 
 class KeptZ:
@@ -77,7 +75,7 @@ def zo_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> float:
 def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
             batch: Mapping[str, torch.Tensor], seed: int, eps: float, lr: float, *,
             keep_z: bool = False, z_buffer: Sequence[torch.Tensor] | None = None,
-            workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT,
+            workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT_Z,
             kept: KeptZ | None = None) -> ZOStep | None:
     """One ZO-SGD step on ``params`` (the model's trainable parameters, in index order).
 
@@ -103,7 +101,7 @@ def zo_step(model: torch.nn.Module, params: Sequence[torch.Tensor],
 def zo_step_on(objective: Callable[[], float], params: Sequence[torch.Tensor], seed: int,
                eps: float, lr: float, *, keep_z: bool = False,
                z_buffer: Sequence[torch.Tensor] | None = None,
-               workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT,
+               workers: int | None = None, g_max: float = 0.0, spec: ZSpec = DEFAULT_Z,
                kept: KeptZ | None = None) -> ZOStep | None:
     """:func:`zo_step` for any scalar ``objective`` of ``params`` (evaluated at θ ± εz; it must
     be deterministic, e.g. a model in ``eval()`` mode on a fixed batch): the language-model loss

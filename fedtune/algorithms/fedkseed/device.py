@@ -38,10 +38,8 @@ from fedtune.algorithms.local import run_steps, to_device
 from fedtune.algorithms.params import trainable
 from fedtune.data.prompts import TokenizedExample, collate
 from fedtune.wire import MessageError
-from fedtune.zo.spec import ZSpec
+from fedtune.zo.spec import DEFAULT_Z, ZSpec
 from fedtune.zo.step import KeptZ, zo_step
-
-DEFAULT_Z = ZSpec()
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,10 @@ from typing import Any
 import torch
 
 from fedtune.seeds import seed_pool
-from fedtune.zo.spec import ZSpec, replay_z_
+from fedtune.zo.spec import DEFAULT_Z, ZSpec, replay_z_
 
 __all__ = ["FileWeights", "RoundModel", "catch_up_", "rebuild_", "rebuild_from_log",
            "replay_coefficients", "seed_pool"]
-DEFAULT_Z = ZSpec()
 
 
 def replay_coefficients(pool: Sequence[int], accumulators: torch.Tensor, lr: float

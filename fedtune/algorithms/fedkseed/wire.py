@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from fedtune.wire import MAX_LOSS, MessageError
-from fedtune.zo.spec import ZSpec
+from fedtune.zo.spec import DEFAULT_Z, ZSpec
 
 DOWN_MAGIC = b"FKS\x01"
 UP_MAGIC = b"FKS\x02"
@@ -60,7 +60,6 @@ MAX_SAMPLES = 2**32 - 1
 MAX_COUNT = 2**16 - 1
 PROB_TOL = 1e-4
 Z_SHIFT, Z_MASK = 4, 0x70
-DEFAULT_Z = ZSpec()
 
 
 def z_code(z: ZSpec) -> int:

@@ -24,10 +24,8 @@ from fedtune.algorithms.fedkseed.device import draw_seed_indices
 from fedtune.algorithms.fedpt.proxy import ProxyModel, fit_prompts, proxy_decode
 from fedtune.algorithms.local import backprop_step, run_steps
 from fedtune.logits.source import TopLogits
-from fedtune.zo.spec import ZSpec
+from fedtune.zo.spec import DEFAULT_Z, ZSpec
 from fedtune.zo.step import zo_step_on
-
-DEFAULT_Z = ZSpec()
 
 LOSSES = ("kl", "reverse-kl", "ce")
 
