@@ -32,9 +32,10 @@ class FedKSeedConfig:
         1.0, "FedKSeed-Pro: p = softmax(psi_normalised / temperature). 1.0 is the paper's "
              "behaviour (the likeliest seed at most e times likelier than the least).")
     keep_z: bool = option(
-        True, "Keep z in memory during a step: one generation of z per step instead of three "
-               "(faster), at the cost of one float32 copy of the trainable parameters (more "
-               "memory). Bitwise the same result either way.")
+        True, "Keep z in memory from step to step: one generation of z per step instead of "
+               "three, the first move made as z is drawn and each step's last move in the same "
+               "pass as the next step's draw (faster), at the cost of one float32 copy of the "
+               "trainable parameters (more memory). Bitwise the same result either way.")
     seed: int = option(0, "Run seed the K pool seeds derive from (shared by server and clients, "
                           "never sent).")
     generator: int = option(
