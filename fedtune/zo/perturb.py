@@ -215,8 +215,9 @@ def _v2_tasks(params: Sequence[torch.Tensor], one: Callable[..., None], *args: o
     n = torch.get_num_threads() if workers is None else workers
     tasks: list[tuple[int, Callable[[], None]]] = []
     cpu = [i for i, p in enumerate(params) if p.device.type == "cpu" and p.is_contiguous()]
+    on_cpu = set(cpu)
     for i, p in enumerate(params):
-        if i not in set(cpu):
+        if i not in on_cpu:
             tasks.append((p.numel(), partial(one, p, i, 0, p.numel(), *args)))
     for share in _shares([params[i].numel() for i in cpu], max(1, n) * SHARES_PER_WORKER):
         segments = [(params[cpu[j]].view(-1), cpu[j], a, b) for j, a, b in share]
