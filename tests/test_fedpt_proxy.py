@@ -67,6 +67,30 @@ def test_proxy_logits_equal_the_large_when_tuned_is_base():
         assert torch.equal(proxy_logits(large, small, small.clone(), alpha, 40), large[..., :40])
 
 
+def test_plausibility_offset_acts_only_on_the_large_models_candidates():
+    # p_large ~ softmax([4, 3.5, 0, -1]): with beta 0.1 the plausible set is tokens 0 and 1
+    large = torch.tensor([[4.0, 3.5, 0.0, -1.0]])
+    tuned = torch.tensor([[0.0, 2.0, 9.0, 0.0]])  # a big push on token 2, outside the set
+    base = torch.zeros(1, 4)
+    out = proxy_logits(large, tuned, base, alpha=1.0, vocab_size=4, plausibility=0.1)
+    lp = torch.log_softmax(large, -1)
+    assert torch.allclose(out.logsumexp(-1), torch.zeros(1), atol=1e-6)  # a proper distribution
+    assert torch.allclose(out[0, 2:], lp[0, 2:])  # outside S: the large model's own
+    mass = lp[0, :2].logsumexp(-1)
+    inside = torch.log_softmax(torch.tensor([4.0, 5.5]), -1)  # S shares P_large(S) by s_proxy
+    assert torch.allclose(out[0, :2], mass + inside, atol=1e-6)
+    assert int(out.argmax()) == 1  # the offset re-ranks within S
+    assert int(proxy_logits(large, tuned, base, 1.0, 4).argmax()) == 2  # unconstrained: token 2
+
+
+def test_plausibility_with_tuned_equal_base_is_the_large_distribution():
+    g = torch.Generator().manual_seed(1)
+    large = torch.randn(2, 5, 48, generator=g) * 5
+    small = torch.randn(2, 5, 40, generator=g) * 5
+    out = proxy_logits(large, small, small.clone(), 1.0, 40, plausibility=0.05)
+    assert torch.allclose(out, torch.log_softmax(large[..., :40], -1), atol=1e-5)
+
+
 def test_proxy_decoding_with_tuned_equal_base_is_the_large_model_exactly():
     tok = StubTokenizer(40)
     large, small = llama(0, hidden=32), llama(1)

@@ -35,7 +35,8 @@ def run_cli(out: Path, *extra: str) -> list[dict]:
 
 def test_fedpt_run_with_the_large_model_behind_the_service(tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO, logger="fedtune.algorithms.fedpt.server")
-    rows = run_cli(tmp_path / "run")  # large_access = "spawn": the default
+    # large_access = "spawn": the default; the plausibility constraint on the served proxy
+    rows = run_cli(tmp_path / "run", "algorithm.fedpt.plausibility=0.2")
     log = caplog.text
     assert "started `fedtune serve-logits" in log and "stopped the logits service" in log
     assert [r["round"] for r in rows] == [0, 1]
@@ -46,7 +47,9 @@ def test_fedpt_run_with_the_large_model_behind_the_service(tmp_path, capsys, cap
     assert distilled[0]["kl_after"] < distilled[0]["kl_before"]
     manifest = json.loads((tmp_path / "run" / "proxy" / "fedpt.json").read_text())
     assert manifest["large_model"] == str(LARGE) and manifest["alpha"] == 1.0
-    # the product, scored again by `fedtune eval`, is what the run reported last
+    assert manifest["plausibility"] == 0.2
+    # the product, scored again by `fedtune eval` (the constraint too), is what the run reported
+    # last
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run")]) == 0
     scores = json.loads(capsys.readouterr().out)

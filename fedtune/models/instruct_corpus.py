@@ -3,7 +3,7 @@
 A partner pre-trained on books has never seen the large model's chat format, so its tuning
 offset s_tuned - s_base starts far from anything the large model would do. This writes public,
 server-held prompts (fedtune's generated suite, without the families it holds out for
-evaluation, never any device's data) answered greedily by the teacher through `fedtune
+evaluation, or Natural Instructions' training tasks with ``--ni``; never any device's data) answered greedily by the teacher through `fedtune
 serve-logits` (only its tokens: sequence-level distillation), each rendered with the shared chat
 template as one document of a JSONL corpus. `fedtune pretrain CORPUS --init PARTNER --teacher
 TEACHER` then trains the partner on it with the teacher's logits (token-level distillation).
@@ -53,17 +53,27 @@ def greedy_ids(source: LogitsSource, prompts: Sequence[Sequence[int]], *, max_ne
     return out
 
 
-def prompts_records(n: int, seed: int) -> list[Any]:
-    """``n`` prompts of the generated suite's training families (the FedPT server's pool)."""
-    from fedtune.data.generated import FAMILIES, HELDOUT_FAMILIES, training_suite
+def prompts_records(n: int, seed: int, ni_root: str = "") -> list[Any]:
+    """``n`` prompts of the generated suite's training families (the FedPT server's pool), or,
+    with ``ni_root``, of Natural Instructions' training tasks (public text in natural English;
+    never its held-out test tasks)."""
+    if ni_root:
+        from fedtune.data.natural_instructions import load_natural_instructions
 
-    pool = training_suite(-(-n // (len(FAMILIES) - len(HELDOUT_FAMILIES))), seed)
+        pool = load_natural_instructions(ni_root, "train", seed=seed)
+        if len(pool) < n:
+            raise ValueError(f"{ni_root}: {len(pool)} training instances, fewer than {n}")
+    else:
+        from fedtune.data.generated import FAMILIES, HELDOUT_FAMILIES, training_suite
+
+        pool = training_suite(-(-n // (len(FAMILIES) - len(HELDOUT_FAMILIES))), seed)
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed)).tolist()
     return [pool[i] for i in order[:n]]
 
 
 def build(teacher: str, out: Path, *, prompts: int, max_new_tokens: int, batch_size: int,
-          seed: int, tokenizer_name: str = "", progress: bool = True) -> dict[str, Any]:
+          seed: int, tokenizer_name: str = "", progress: bool = True,
+          ni_root: str = "") -> dict[str, Any]:
     """Write ``out`` (JSONL: ``{"name", "text"}``); return a summary. The tokenizer (only its
     files) is ``tokenizer_name``'s, else the teacher model's."""
     from transformers import AutoTokenizer
@@ -87,7 +97,7 @@ def build(teacher: str, out: Path, *, prompts: int, max_new_tokens: int, batch_s
     try:
         if source.info().tokenizer_hash != tokenizer_hash(tokenizer):
             raise ValueError(f"{teacher}'s service does not use the tokenizer given")
-        records = prompts_records(prompts, seed)
+        records = prompts_records(prompts, seed, ni_root)
         stops = set(stop_token_ids(tokenizer))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
         n_tokens = 0
@@ -132,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per session (16)")
     ap.add_argument("--seed", type=int, default=7919,
                     help="seed of the prompts (default: FedPT's distill_seed)")
+    ap.add_argument("--ni", default="", metavar="DIR",
+                    help="draw the prompts from Natural Instructions' training tasks under DIR "
+                         "(public, natural English) instead of fedtune's generated suite")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -139,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("a teacher URL needs --tokenizer")
     summary = build(args.teacher, args.out, prompts=args.prompts,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    seed=args.seed, tokenizer_name=args.tokenizer, progress=not args.quiet)
+                    seed=args.seed, tokenizer_name=args.tokenizer, progress=not args.quiet,
+                    ni_root=args.ni)
     print(json.dumps(summary))
     return 0
 

@@ -50,6 +50,16 @@ class FedPTConfig:
                                 "http://127.0.0.1:8700 (from `fedtune serve-logits`).")
     alpha: float = option(1.0, "α in s_large + α (s_tuned - s_base) (1 in the FedPT and "
                                "proxy-tuning papers).")
+    plausibility: float = option(
+        0.0,
+        "β of the plausibility constraint (Li et al. 2023, contrastive decoding): with β > 0 "
+        "the offset α (s_tuned - s_base) acts only on the tokens the large model finds "
+        "plausible, p_large >= β max p_large, and every other token keeps the large model's "
+        "log-probability, so a weak small pair can re-rank the large model's candidates but "
+        "not promote a token it rules out. 0 (the papers' proxy) applies the offset to every "
+        "token. Applied wherever the proxy decodes or is scored (evaluation, the product); the "
+        "distillation teacher is the unconstrained proxy.",
+    )
     anti_expert: str = option(
         "distilled",
         "s_base: 'base' keeps the original pre-trained small model for the whole run (the "
@@ -124,6 +134,8 @@ class FedPTConfig:
                     "distill_zo_steps", "distill_batch_size"):
             value = getattr(self, key)
             check(value >= 1, f"{prefix}.{key}", value, "must be >= 1")
+        check(0 <= self.plausibility < 1, f"{prefix}.plausibility", self.plausibility,
+              "must be in [0, 1)")
         check(self.distill_lr > 0, f"{prefix}.distill_lr", self.distill_lr, "must be > 0")
         check(self.distill_temperature > 0, f"{prefix}.distill_temperature",
               self.distill_temperature, "must be > 0")

@@ -31,14 +31,16 @@ def manifest_path(path: Path) -> Path | None:
 
 
 def save_manifest(proxy_dir: Path, *, large_model: str, large_url: str, alpha: float,
-                  tuned: str, anti_expert: str, tokenizer_hash: str, vocab_size: int) -> Path:
+                  plausibility: float = 0.0, tuned: str, anti_expert: str, tokenizer_hash: str, vocab_size: int) -> Path:
     proxy_dir.mkdir(parents=True, exist_ok=True)
     large = large_model if not Path(large_model).exists() else str(Path(large_model).resolve())
     doc = {"format": FORMAT, "large_model": large, "large_url": large_url, "alpha": alpha,
-           "tuned": tuned, "anti_expert": anti_expert, "tokenizer_hash": tokenizer_hash,
+           "plausibility": plausibility, "tuned": tuned, "anti_expert": anti_expert, "tokenizer_hash": tokenizer_hash,
            "vocab_size": vocab_size,
            "formula": "logits = large + alpha * (tuned - anti_expert), each cut to vocab_size "
-                      "columns, at every decoding step"}
+                      "columns, at every decoding step; with plausibility = beta > 0 the offset "
+                      "acts only on tokens with p_large >= beta * max p_large (the others keep "
+                      "log p_large)"}
     out = proxy_dir / MANIFEST
     out.write_text(json.dumps(doc, indent=1))
     return out
@@ -87,7 +89,8 @@ def load_proxy(path: Path, *, large_url: str = "", large_access: str = "", devic
         large = LocalLogits(model, ltok, name=doc["large_model"])
     try:
         proxy = ProxyModel(large, LocalLogits(tuned, tok), LocalLogits(anti, tok),
-                           alpha=float(doc["alpha"]))
+                           alpha=float(doc["alpha"]),
+                           plausibility=float(doc.get("plausibility", 0.0)))
     except Exception:
         if service is not None:
             service.stop()

@@ -13,6 +13,7 @@ greedy by default (the evaluation protocol of every method here).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,20 +29,35 @@ T = TypeVar("T")
 
 
 def proxy_logits(large: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor, alpha: float,
-                 vocab_size: int) -> torch.Tensor:
+                 vocab_size: int, plausibility: float = 0.0) -> torch.Tensor:
     """s_large + α (s_tuned − s_base) over the first ``vocab_size`` columns.
 
     Each input is (..., V_model); a model whose embedding matrix is padded past the shared
     tokenizer's ``vocab_size`` has its extra columns cut (they are no token). With
-    ``tuned == base`` the result equals ``large[..., :vocab_size]`` exactly (x − x = 0 for finite
-    x, and y + α·0 = y).
+    ``tuned == base`` and ``plausibility = 0`` the result equals ``large[..., :vocab_size]``
+    exactly (x − x = 0 for finite x, and y + α·0 = y).
+
+    ``plausibility`` = β > 0 lets the offset act only on the tokens the large model finds
+    plausible, S = {x : p_large(x) ≥ β · max p_large} (the adaptive plausibility constraint of
+    contrastive decoding, Li et al. 2023, arXiv 2210.15097): the result is then log-probabilities
+    in which every token outside S keeps the large model's own, and S keeps the large model's
+    total mass P_large(S), shared within S as softmax over S of s_large + α (s_tuned − s_base).
+    A weak small pair then re-ranks the large model's candidates but cannot promote a token the
+    large model rules out, and the distribution stays proper (a finite eval loss everywhere).
     """
     for name, t in (("large", large), ("tuned", tuned), ("base", base)):
         if t.shape[-1] < vocab_size:
             raise ValueError(f"{name} logits have {t.shape[-1]} columns, fewer than the "
                              f"vocabulary's {vocab_size}")
     v = vocab_size
-    return large[..., :v] + alpha * (tuned[..., :v] - base[..., :v])
+    s = large[..., :v] + alpha * (tuned[..., :v] - base[..., :v])
+    if plausibility <= 0.0:
+        return s
+    lp_large = torch.log_softmax(large[..., :v].float(), dim=-1)
+    keep = lp_large >= lp_large.amax(dim=-1, keepdim=True) + math.log(plausibility)
+    mass = torch.logsumexp(lp_large.masked_fill(~keep, -math.inf), dim=-1, keepdim=True)
+    inside = torch.log_softmax(s.float().masked_fill(~keep, -math.inf), dim=-1)
+    return torch.where(keep, mass + inside, lp_large).to(s.dtype)
 
 
 @dataclass
@@ -55,6 +71,7 @@ class ProxyModel:
     tuned: LogitsSource
     base: LogitsSource
     alpha: float = 1.0
+    plausibility: float = 0.0  # β of :func:`proxy_logits` (0: the papers' unconstrained offset)
     vocab_size: int = field(init=False)
     max_positions: int | None = field(init=False)  # the smallest context of the three
     max_batch: int = field(init=False)  # the smallest session batch limit of the three
@@ -115,7 +132,8 @@ def proxy_decode(proxy: ProxyModel, prompts: Sequence[Sequence[int]], *, max_new
         kept: list[list[torch.Tensor]] = [[] for _ in range(b)]
         done = [False] * b
         for t in range(max_new_tokens):
-            s = proxy_logits(steps[0], steps[1], steps[2], proxy.alpha, proxy.vocab_size)  # (B,V)
+            s = proxy_logits(steps[0], steps[1], steps[2], proxy.alpha, proxy.vocab_size,
+                             proxy.plausibility)  # (B,V)
             scores = processors(seqs, s) if processors else s  # type: ignore[arg-type]
             if do_sample:
                 probs = torch.softmax(scores, dim=-1)
@@ -183,7 +201,8 @@ def proxy_forced_logits(proxy: ProxyModel, prompts: Sequence[Sequence[int]],
                 rest.append(src.extend(sid, block))  # (B, n - 1, V)
             per_source.append(torch.cat(rest, dim=1))  # (B, n, V)
         large, tuned, base = per_source
-        s = proxy_logits(large, tuned, base, proxy.alpha, proxy.vocab_size)  # (B, n, V)
+        s = proxy_logits(large, tuned, base, proxy.alpha, proxy.vocab_size,
+                         proxy.plausibility)  # (B, n, V)
         return [s[i, :len(c)] for i, c in enumerate(continuations)]
     finally:
         _close(proxy, sessions)

@@ -145,13 +145,17 @@ class FedPTServer:
             log.info("FedPT: stopped the logits service (pid %d)", self.service.process.pid)
             self.service = None
 
-    def proxy(self, tuned: torch.nn.Module | None = None) -> ProxyModel:
-        """The proxy-tuned large model with ``tuned`` (default: the device model) as expert."""
+    def proxy(self, tuned: torch.nn.Module | None = None, *,
+              constrained: bool = True) -> ProxyModel:
+        """The proxy-tuned large model with ``tuned`` (default: the device model) as expert;
+        ``constrained = False`` leaves out the plausibility constraint (the distillation
+        teacher: the papers' s̃, from which s_large is recovered exactly)."""
         if self.large is None:
             raise RuntimeError("the large model is not connected")
         tok = self.tokenizer
         return ProxyModel(self.large, LocalLogits(tuned or self.model, tok),
-                          LocalLogits(self.anti_expert, tok), alpha=self.cfg.alpha)
+                          LocalLogits(self.anti_expert, tok), alpha=self.cfg.alpha,
+                          plausibility=self.cfg.plausibility if constrained else 0.0)
 
     # -- server side --------------------------------------------------------------------------
     def download(self, round_: int, client_id: int) -> bytes:
@@ -182,7 +186,7 @@ class FedPTServer:
             len(self._pool), size=min(c.distill_prompts, len(self._pool)), replace=False)
         records = [self._pool[int(i)] for i in pick]
         frozen = copy.deepcopy(model).eval()  # the aggregated model inside the teacher
-        proxy = self.proxy(frozen)
+        proxy = self.proxy(frozen, constrained=False)
         targets = teacher_targets(proxy, [prompt_ids(r, tok) for r in records],
                                   max_new_tokens=c.distill_max_new_tokens,
                                   eos_id=end_of_turn_id(tok), pad_id=self.pad_id,
@@ -328,7 +332,7 @@ class FedPTServer:
         info = self.proxy().vocab_size
         save_manifest(proxy_dir, large_model=self.cfg.large_model,
                       large_url=self.cfg.large_url if self.cfg.large_access == "url" else "",
-                      alpha=self.cfg.alpha, tuned="../model", anti_expert="anti_expert",
+                      alpha=self.cfg.alpha, plausibility=self.cfg.plausibility, tuned="../model", anti_expert="anti_expert",
                       tokenizer_hash=LocalLogits(anti, tokenizer).hash, vocab_size=info)
         (out_dir / DISTILL_LOG).write_text(json.dumps(self.history, indent=1))
         self.close()
