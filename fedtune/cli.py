@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                    "`fedtune serve-logits` URL (default: the run's URL, else load it here)")
     e.add_argument("--small", action="store_true",
                    help="FedPT run: score the tuned small model instead of the proxy-tuned large")
+    e.add_argument("--alpha", type=float, metavar="A",
+                   help="FedPT run: score the proxy with this strength alpha instead of the run's "
+                   "(the same tuned pair, no retraining)")
+    e.add_argument("--plausibility", type=float, metavar="BETA",
+                   help="FedPT run: score the proxy with this plausibility constraint instead of "
+                   "the run's (0: none; algorithm.fedpt.plausibility)")
     e.add_argument("--round", type=int, metavar="N",
                    help="score the global model after round N of a run directory (the last "
                    "round, or one kept with output.keep_checkpoints)")
@@ -91,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--large-url", default="", help="FedPT run: the large model's logits service")
     g.add_argument("--small", action="store_true",
                    help="FedPT run: generate with the tuned small model instead")
+    g.add_argument("--alpha", type=float, metavar="A",
+                   help="FedPT run: decode the proxy with this strength alpha instead of the run's "
+                   "(the same tuned pair, no retraining)")
+    g.add_argument("--plausibility", type=float, metavar="BETA",
+                   help="FedPT run: decode the proxy with this plausibility constraint instead of "
+                   "the run's (0: none; algorithm.fedpt.plausibility)")
 
     x = sub.add_parser("export", help="write a run's model as a GGUF file (llama.cpp and co.)",
                        description="Write the fine-tuned model of a run (or a model directory) as "
@@ -240,6 +253,18 @@ def _closing(summary: dict, quiet: bool) -> None:
     print(summary_text(summary))
 
 
+def _check_proxy_options(args: argparse.Namespace, proxy: bool) -> None:
+    """--alpha and --plausibility: only for a FedPT run's proxy, each in its range."""
+    for flag, value in (("--alpha", args.alpha), ("--plausibility", args.plausibility)):
+        if value is not None and not proxy:
+            raise ConfigError(flag, value, "applies only to a FedPT run's proxy-tuned model "
+                              "(not with --small, --round or a plain model)")
+    if args.alpha is not None and not math.isfinite(args.alpha):
+        raise ConfigError("--alpha", args.alpha, "must be a finite number")
+    if args.plausibility is not None and not 0 <= args.plausibility < 1:
+        raise ConfigError("--plausibility", args.plausibility, "must be in [0, 1)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fedtune.algorithms.fedpt.product import manifest_path
     from fedtune.config import load_config
@@ -260,6 +285,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if proxy and args.predictions:
         raise ConfigError("--predictions", args.predictions, "is for plain models; with a FedPT "
                           "run add --small to write the tuned small model's answers")
+    _check_proxy_options(args, proxy)
     source = ("" if proxy or args.round is not None
               else _model_source(path, cfg.model.cache_dir or None))  # before any work
     ThreadPolicy(cfg.model.threads)
@@ -272,7 +298,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from fedtune.algorithms.fedpt.product import evaluate_product
 
         _say("eval: the proxy-tuned large model (FedPT)")
-        scores = evaluate_product(path, records, cfg, large_url=args.large_url)
+        scores = evaluate_product(path, records, cfg, large_url=args.large_url,
+                                  alpha=args.alpha, plausibility=args.plausibility)
         print(json.dumps(scores, indent=1))
         return 0
     if args.round is not None:
@@ -313,6 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     path = Path(args.path)
     record = Record(args.prompt, args.input, "")
     sampling = Sampling(args.temperature, args.top_p, args.seed)  # checks the values
+    _check_proxy_options(args, not args.small and manifest_path(path) is not None)
     if not args.small and manifest_path(path) is not None:  # FedPT
         from fedtune.algorithms.fedpt.product import generate_product
 
@@ -322,7 +350,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         prompt = args.prompt if args.raw else format_prompt(record)
         print(generate_product(path, prompt, max_new_tokens=args.max_new_tokens,
-                               large_url=args.large_url))
+                               large_url=args.large_url, alpha=args.alpha,
+                               plausibility=args.plausibility))
         return 0
     # a run directory prompts in its own template; a bare model directory in 'auto'
     template = (load_config(path / "config.toml").data.template

@@ -57,6 +57,16 @@ def test_fedpt_run_with_the_large_model_behind_the_service(tmp_path, capsys, cap
     assert abs(scores["eval_loss"] - rows[-1]["eval_loss"]) < 1e-4
     assert main(["generate", str(tmp_path / "run"), "--prompt", "Add the two numbers.",
                  "--input", "2 + 3", "--max-new-tokens", "4"]) == 0
+    # the same pair decoded at alpha 0 is the bare large model: round 0's scores
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--alpha", "0"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert bare["rougeL"] == rows[0]["rougeL"]
+    assert abs(bare["eval_loss"] - rows[0]["eval_loss"]) < 1e-4
+    assert main(["eval", str(tmp_path / "run"), "--small", "--plausibility", "0.1"]) == 2
+    assert "--plausibility" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run"), "--plausibility", "1.5"]) == 2
+    assert "must be in [0, 1)" in capsys.readouterr().err
 
 
 def test_fedpt_with_fedkseed_devices_distils_through_the_seeds(tmp_path):

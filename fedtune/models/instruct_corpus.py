@@ -3,8 +3,9 @@
 A partner pre-trained on books has never seen the large model's chat format, so its tuning
 offset s_tuned - s_base starts far from anything the large model would do. This writes public,
 server-held prompts (fedtune's generated suite, without the families it holds out for
-evaluation, or Natural Instructions' training tasks with ``--ni``; never any device's data) answered greedily by the teacher through `fedtune
-serve-logits` (only its tokens: sequence-level distillation), each rendered with the shared chat
+evaluation, or Natural Instructions' training tasks with ``--ni``; never any device's data)
+answered greedily by the teacher through `fedtune serve-logits` (only its tokens: sequence-level
+distillation), each rendered with the shared chat
 template as one document of a JSONL corpus. `fedtune pretrain CORPUS --init PARTNER --teacher
 TEACHER` then trains the partner on it with the teacher's logits (token-level distillation).
 

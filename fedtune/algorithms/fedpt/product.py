@@ -31,11 +31,13 @@ def manifest_path(path: Path) -> Path | None:
 
 
 def save_manifest(proxy_dir: Path, *, large_model: str, large_url: str, alpha: float,
-                  plausibility: float = 0.0, tuned: str, anti_expert: str, tokenizer_hash: str, vocab_size: int) -> Path:
+                  plausibility: float = 0.0, tuned: str, anti_expert: str, tokenizer_hash: str,
+                  vocab_size: int) -> Path:
     proxy_dir.mkdir(parents=True, exist_ok=True)
     large = large_model if not Path(large_model).exists() else str(Path(large_model).resolve())
     doc = {"format": FORMAT, "large_model": large, "large_url": large_url, "alpha": alpha,
-           "plausibility": plausibility, "tuned": tuned, "anti_expert": anti_expert, "tokenizer_hash": tokenizer_hash,
+           "plausibility": plausibility, "tuned": tuned, "anti_expert": anti_expert,
+           "tokenizer_hash": tokenizer_hash,
            "vocab_size": vocab_size,
            "formula": "logits = large + alpha * (tuned - anti_expert), each cut to vocab_size "
                       "columns, at every decoding step; with plausibility = beta > 0 the offset "
@@ -58,13 +60,15 @@ class LoadedProxy:
 
 
 def load_proxy(path: Path, *, large_url: str = "", large_access: str = "", device: str = "auto",
-               dtype: str = "float32") -> LoadedProxy:
+               dtype: str = "float32", alpha: float | None = None,
+               plausibility: float | None = None) -> LoadedProxy:
     """Load the proxy-tuned model of a run or product directory.
 
     The large model is reached at ``large_url`` (or the manifest's URL, which never holds a
     credential: the token and CA come from the ``FEDTUNE_LOGITS_*`` variables,
     :func:`fedtune.logits.remote.remote_from_env`); ``large_access = 'spawn'`` starts a service
-    for it; otherwise it is loaded in this process.
+    for it; otherwise it is loaded in this process. ``alpha`` and ``plausibility``, when given,
+    replace the manifest's (the same tuned pair, decoded another way: no retraining).
     """
     from fedtune.models.loading import load_model_and_tokenizer
 
@@ -89,8 +93,9 @@ def load_proxy(path: Path, *, large_url: str = "", large_access: str = "", devic
         large = LocalLogits(model, ltok, name=doc["large_model"])
     try:
         proxy = ProxyModel(large, LocalLogits(tuned, tok), LocalLogits(anti, tok),
-                           alpha=float(doc["alpha"]),
-                           plausibility=float(doc.get("plausibility", 0.0)))
+                           alpha=float(doc["alpha"] if alpha is None else alpha),
+                           plausibility=float(doc.get("plausibility", 0.0)
+                                              if plausibility is None else plausibility))
     except Exception:
         if service is not None:
             service.stop()
@@ -98,12 +103,14 @@ def load_proxy(path: Path, *, large_url: str = "", large_access: str = "", devic
     return LoadedProxy(proxy, tok, service)
 
 
-def evaluate_product(path: Path, records: Any, cfg: Any, *,
-                     large_url: str = "") -> dict[str, float]:
+def evaluate_product(path: Path, records: Any, cfg: Any, *, large_url: str = "",
+                     alpha: float | None = None,
+                     plausibility: float | None = None) -> dict[str, float]:
     """``fedtune eval`` of a FedPT run: Rouge-L and eval loss of the proxy-tuned large model."""
     from fedtune.algorithms.fedpt.evaluate import evaluate_proxy
 
-    loaded = load_proxy(path, large_url=large_url, device=cfg.model.device, dtype=cfg.model.dtype)
+    loaded = load_proxy(path, large_url=large_url, device=cfg.model.device, dtype=cfg.model.dtype,
+                        alpha=alpha, plausibility=plausibility)
     try:
         ev = cfg.evaluation
         return evaluate_proxy(loaded.proxy, loaded.tokenizer, records,
@@ -113,12 +120,13 @@ def evaluate_product(path: Path, records: Any, cfg: Any, *,
         loaded.close()
 
 
-def generate_product(path: Path, prompt: str, *, max_new_tokens: int, large_url: str = "") -> str:
+def generate_product(path: Path, prompt: str, *, max_new_tokens: int, large_url: str = "",
+                     alpha: float | None = None, plausibility: float | None = None) -> str:
     """``fedtune generate`` of a FedPT run: greedy decoding under the proxy-tuned logits."""
     from fedtune.algorithms.fedpt.proxy import proxy_generate_ids
     from fedtune.eval.generation import encode_prompt
 
-    loaded = load_proxy(path, large_url=large_url)
+    loaded = load_proxy(path, large_url=large_url, alpha=alpha, plausibility=plausibility)
     try:
         tok = loaded.tokenizer
         ids = proxy_generate_ids(loaded.proxy, [encode_prompt(tok, prompt)],

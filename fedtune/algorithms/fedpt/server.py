@@ -332,7 +332,8 @@ class FedPTServer:
         info = self.proxy().vocab_size
         save_manifest(proxy_dir, large_model=self.cfg.large_model,
                       large_url=self.cfg.large_url if self.cfg.large_access == "url" else "",
-                      alpha=self.cfg.alpha, plausibility=self.cfg.plausibility, tuned="../model", anti_expert="anti_expert",
+                      alpha=self.cfg.alpha, plausibility=self.cfg.plausibility,
+                      tuned="../model", anti_expert="anti_expert",
                       tokenizer_hash=LocalLogits(anti, tokenizer).hash, vocab_size=info)
         (out_dir / DISTILL_LOG).write_text(json.dumps(self.history, indent=1))
         self.close()
