@@ -65,12 +65,7 @@ def _parser() -> argparse.ArgumentParser:
                    "`fedtune serve-logits` URL (default: the run's URL, else load it here)")
     e.add_argument("--small", action="store_true",
                    help="FedPT run: score the tuned small model instead of the proxy-tuned large")
-    e.add_argument("--alpha", type=float, metavar="A",
-                   help="FedPT run: score the proxy with this strength alpha instead of the run's "
-                   "(the same tuned pair, no retraining)")
-    e.add_argument("--plausibility", type=float, metavar="BETA",
-                   help="FedPT run: score the proxy with this plausibility constraint instead of "
-                   "the run's (0: none; algorithm.fedpt.plausibility)")
+    _add_proxy_options(e, "score")
     e.add_argument("--round", type=int, metavar="N",
                    help="score the global model after round N of a run directory (the last "
                    "round, or one kept with output.keep_checkpoints)")
@@ -98,12 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--large-url", default="", help="FedPT run: the large model's logits service")
     g.add_argument("--small", action="store_true",
                    help="FedPT run: generate with the tuned small model instead")
-    g.add_argument("--alpha", type=float, metavar="A",
-                   help="FedPT run: decode the proxy with this strength alpha instead of the run's "
-                   "(the same tuned pair, no retraining)")
-    g.add_argument("--plausibility", type=float, metavar="BETA",
-                   help="FedPT run: decode the proxy with this plausibility constraint instead of "
-                   "the run's (0: none; algorithm.fedpt.plausibility)")
+    _add_proxy_options(g, "decode")
 
     x = sub.add_parser("export", help="write a run's model as a GGUF file (llama.cpp and co.)",
                        description="Write the fine-tuned model of a run (or a model directory) as "
@@ -251,6 +241,16 @@ def _closing(summary: dict, quiet: bool) -> None:
     from fedtune.report import summary_text
 
     print(summary_text(summary))
+
+
+def _add_proxy_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """--alpha and --plausibility of ``eval`` and ``generate`` (a FedPT run's proxy)."""
+    p.add_argument("--alpha", type=float, metavar="A",
+                   help=f"FedPT run: {verb} the proxy with this strength alpha instead of the "
+                   "run's (the same tuned pair, no retraining)")
+    p.add_argument("--plausibility", type=float, metavar="BETA",
+                   help=f"FedPT run: {verb} the proxy with this plausibility constraint instead "
+                   "of the run's (0: none; algorithm.fedpt.plausibility)")
 
 
 def _check_proxy_options(args: argparse.Namespace, proxy: bool) -> None:
