@@ -340,8 +340,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     path = Path(args.path)
     record = Record(args.prompt, args.input, "")
     sampling = Sampling(args.temperature, args.top_p, args.seed)  # checks the values
-    _check_proxy_options(args, not args.small and manifest_path(path) is not None)
-    if not args.small and manifest_path(path) is not None:  # FedPT
+    proxy = not args.small and manifest_path(path) is not None  # FedPT: the proxy-tuned model
+    _check_proxy_options(args, proxy)
+    if proxy:
         from fedtune.algorithms.fedpt.product import generate_product
 
         if not sampling.greedy:
