@@ -206,7 +206,9 @@ def _common(data: str, rounds: int, clients_per_round: int, eval_examples: int,
 
 def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
           max_new_tokens: int, names: list[str], pair: str = "tiny",
-          extra: list[str] | None = None) -> dict[str, Any]:
+          extra: list[str] | None = None, keep: Path | None = None) -> dict[str, Any]:
+    """Each arm a federated run; its run directory under ``keep`` (``keep/ARM``) if given, else
+    in a temporary directory that goes when the benchmark ends."""
     from fedtune.config import load_config
     from fedtune.metrics import read_metrics
     from fedtune.runner import run
@@ -215,12 +217,13 @@ def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
     settings = arms(pair)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(keep) if keep is not None else Path(tmp)
         for arm in names:
             cfg = load_config(None, common + settings[arm] + (extra or []))
             t0 = time.perf_counter()
-            s = run(cfg, Path(tmp) / arm, progress=False)
-            rows = read_metrics(Path(tmp) / arm / "metrics.jsonl")
-            distill_log = Path(tmp) / arm / "fedpt_distill.json"
+            s = run(cfg, root / arm, progress=False)
+            rows = read_metrics(root / arm / "metrics.jsonl")
+            distill_log = root / arm / "fedpt_distill.json"
             out[arm] = {
                 "rougeL_round0": s["base"]["rougeL"], "rougeL_final": s["final"]["rougeL"],
                 "eval_loss_round0": s["base"]["eval_loss"],
@@ -307,7 +310,8 @@ def _parallel(args: argparse.Namespace) -> dict[str, Any]:
                "--rounds", str(args.rounds), "--clients-per-round", str(args.clients_per_round),
                "--eval-examples", str(args.eval_examples),
                "--max-new-tokens", str(args.max_new_tokens), "--pair", args.pair,
-               "--threads", str(args.threads), "--set", *args.set]
+               "--threads", str(args.threads), *(["--keep", args.keep] if args.keep else []),
+               "--set", *args.set]
         running[arm] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
                                         env=env)
     for arm in list(running):
@@ -344,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the wall and device times then share the cores)")
     ap.add_argument("--jobs", type=int, default=2, help="with --parallel: arms at a time")
     ap.add_argument("--keep", metavar="DIR",
-                    help="with --parallel: write each arm's JSON to DIR/ARM.json when it ends")
+                    help="keep each arm's run directory as DIR/ARM (answers.jsonl, metrics, "
+                         "the exported model); with --parallel also each arm's JSON in "
+                         "DIR/ARM.json as soon as it ends")
     ap.add_argument("--cost-only", action="store_true",
                     help="only the device cost of one local round per arm, one arm at a time "
                          "(no federated runs): for timings on otherwise idle cores")
@@ -379,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         r = _parallel(args)
     else:
         r = bench(args.data, args.rounds, args.clients_per_round, args.eval_examples,
-                  args.max_new_tokens, args.arms.split(","), args.pair, extra)
+                  args.max_new_tokens, args.arms.split(","), args.pair, extra,
+                  Path(args.keep) if args.keep else None)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
