@@ -7,7 +7,7 @@ a partner cut out of the large model itself: some of its decoder blocks, its emb
 norm and head, then healed by distillation from the large model's logits (``fedtune pretrain
 --init DIR --teacher ...``). An operator of a real black box could not build it.
 
-    python -m fedtune.models.prune smollm2-135m --keep 0,1,2,3,4,29 --out /tmp/pruned
+    python -m fedtune.models.prune smollm2-135m --keep 0,6,12,18,24,29 --out /tmp/pruned
 
 ``keep_layers`` is the pure part (tested on fedtune's tiny Llama): the kept blocks in order,
 ``num_hidden_layers`` and the per-layer config lists cut to match, each attention's
