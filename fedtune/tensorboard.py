@@ -15,6 +15,7 @@ dependency); without it the run goes on and says once that no event files are wr
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,22 @@ def scalars(row: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+def _after_existing_files(log_dir: Path) -> None:
+    """Wait (under a second) until a new event file's name sorts after every existing one.
+
+    Readers take a directory's event files in name order, and the name starts with the creation
+    second (then host, pid and a per-process counter, compared as text). A resumed run's file must
+    come last for its purge to drop the old rounds; in a real resume whole seconds pass, but a
+    resume within the second the first file was made (tests, a crash at once) could sort before it.
+    """
+    seconds = [int(parts[3]) for f in log_dir.glob("events.out.tfevents.*")
+               if len(parts := f.name.split(".")) > 3 and parts[3].isdigit()]
+    if seconds:
+        wait = max(seconds) + 1 - time.time()
+        if wait > 0:
+            time.sleep(wait)
+
+
 class TensorBoardLog:
     """An event-file writer for one run; ``first_round``: the first round this process writes
     (earlier files' events from that round on are superseded)."""
@@ -68,6 +85,8 @@ class TensorBoardLog:
             log.warning("tensorboard is not installed: no event files in %s (pip install "
                         "tensorboard)", log_dir)
             return
+        if first_round > 0:
+            _after_existing_files(log_dir)
         self.writer = SummaryWriter(str(log_dir), purge_step=first_round)
 
     def add(self, row: Mapping[str, Any]) -> None:

@@ -2,6 +2,7 @@
 the exported model's dtype, base model name and card, and ``fedtune report`` over two runs."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,25 @@ def test_tensorboard_after_a_resume_holds_each_round_once(tmp_path):
     assert [json.loads(x)["train_loss"] for x in path.read_text().splitlines()] == [
         10.0, 11.0, 22.0, 23.0]
 
+
+def test_a_resume_within_the_first_files_second_still_supersedes_it(tmp_path):
+    """Readers take event files in name order (creation second, host, pid, a per-process counter,
+    compared as text: counter 10 sorts before 9). An earlier file named as if made in the same
+    second or later must still come before the resumed run's file (seen once in CI)."""
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsLog(path)
+    for r in range(3):
+        first.append({"round": r, "train_loss": 10.0 + r})
+    first.close()
+    (old,) = (tmp_path / "tb").glob("events.out.tfevents.*")
+    parts = old.name.split(".")
+    parts[3], parts[4] = str(int(time.time()) + 1), "zzz"  # sorts last in the next second
+    old.rename(old.with_name(".".join(parts)))
+    resumed = MetricsLog(path, keep_through_round=0)
+    for r in (1, 2):
+        resumed.append({"round": r, "train_loss": 20.0 + r})
+    resumed.close()
+    assert steps(scalars(tmp_path), "loss/train") == {0: 10.0, 1: 21.0, 2: 22.0}
 
 def test_run_log_holds_the_round_table(runs):
     fedit, _ = runs
