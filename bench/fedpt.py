@@ -217,7 +217,7 @@ def bench(data: str, rounds: int, clients_per_round: int, eval_examples: int,
     settings = arms(pair)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(keep) if keep is not None else Path(tmp)
+        root = keep if keep is not None else Path(tmp)
         for arm in names:
             cfg = load_config(None, common + settings[arm] + (extra or []))
             t0 = time.perf_counter()

@@ -101,6 +101,7 @@ def test_a_resume_within_the_first_files_second_still_supersedes_it(tmp_path):
     resumed.close()
     assert steps(scalars(tmp_path), "loss/train") == {0: 10.0, 1: 21.0, 2: 22.0}
 
+
 def test_run_log_holds_the_round_table(runs):
     fedit, _ = runs
     text = (fedit / "run.log").read_text()
