@@ -314,11 +314,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     answers: list[str] | None = [] if args.predictions else None
     scores = evaluate(model, tok, records, max_new_tokens=ev.max_new_tokens,  # type: ignore[arg-type]
                       batch_size=ev.batch_size, max_length=cfg.data.max_length,
-                      template=cfg.data.template, progress=True, answers=answers)
+                      template=cfg.data.template, progress=True, answers=answers,
+                      scorer=ev.rouge)
     if args.predictions and answers is not None:
         from fedtune.eval.evaluate import write_predictions
 
-        write_predictions(Path(args.predictions), records, answers)
+        write_predictions(Path(args.predictions), records, answers, ev.rouge)
         _say(f"eval: {len(answers)} predictions in {args.predictions}")
     print(json.dumps(scores, indent=1))
     return 0

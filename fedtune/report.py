@@ -28,16 +28,18 @@ DP_KEY = "epsilon"  # a private run's rows carry the epsilon spent so far
 
 def table_header(dp: bool = False) -> str:
     """The header line of the per-round table (with an epsilon column for a private run)."""
-    return (f"{'round':>5} {'train_loss':>10} {'eval_loss':>9} {'rougeL':>7} {'up/client':>10} "
-            f"{'down/client':>11} {'wall_s':>7} {'peak_MB':>8}"
+    return (f"{'round':>5} {'train_loss':>10} {'eval_loss':>9} {'rougeL':>7} {'guard_loss':>10} "
+            f"{'loops':>5} {'up/client':>10} {'down/client':>11} {'wall_s':>7} {'peak_MB':>8}"
             + (f" {'epsilon':>8}" if dp else ""))
 
 
 def table_row(r: dict[str, Any], dp: bool = False) -> str:
-    """One round's line of the per-round table: losses, Rouge-L, bytes per client, wall time,
-    peak memory (and epsilon)."""
+    """One round's line of the per-round table: losses, Rouge-L, the damage guard's loss and
+    share of looping answers, bytes per client, wall time, peak memory (and epsilon)."""
     return (f"{r['round']:>5} {_fmt(r.get('train_loss'), '.4f'):>10} "
             f"{_fmt(r.get('eval_loss'), '.4f'):>9} {_fmt(r.get('rougeL'), '.4f'):>7} "
+            f"{_fmt(r.get('guard_eval_loss'), '.4f'):>10} "
+            f"{_fmt(r.get('guard_repetition'), '.0%'):>5} "
             f"{human_bytes(r.get('bytes_up_per_client', 0)):>10} "
             f"{human_bytes(r.get('bytes_down_per_client', 0)):>11} "
             f"{_fmt(r.get('wall_s'), '.1f'):>7} {_fmt(r.get('peak_memory_mb'), '.0f'):>8}"
@@ -61,6 +63,7 @@ def summary_text(summary: dict[str, Any]) -> str:
         f"  Rouge-L    before {_fmt(b.get('rougeL'), '.4f')}  after {_fmt(f.get('rougeL'), '.4f')}",
         f"  eval loss  before {_fmt(b.get('eval_loss'), '.4f')}  after "
         f"{_fmt(f.get('eval_loss'), '.4f')}",
+        *_guard_lines(b.get("guard") or {}, f.get("guard") or {}),
         f"  bytes per client per round: up {human_bytes(by['up_per_client_round'])}, "
         f"down {human_bytes(by['down_per_client_round'])}; total {human_bytes(by['total'])}",
         f"  wall {summary['wall_s']:.1f} s, peak memory {summary['peak_memory_mb']:.0f} MB",
@@ -83,13 +86,32 @@ def summary_text(summary: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def answer_rows(records: Sequence[Any], before: Sequence[str], after: Sequence[str]
-                ) -> list[dict[str, Any]]:
-    """One row per eval record: prompt, reference, the base and final answers and their Rouge-L."""
+def _guard_lines(b: dict[str, Any], f: dict[str, Any]) -> list[str]:
+    """The damage guard's lines of the summary (none when the run had no guard), with a warning
+    when the tuned model got worse on it."""
+    if not b and not f:
+        return []
+    from fedtune.eval.guard import guard_verdict
+
+    out = [f"  guard (general instructions, not trained on): eval loss before "
+           f"{_fmt(b.get('eval_loss'), '.4f')}  after {_fmt(f.get('eval_loss'), '.4f')}; "
+           f"Rouge-L {_fmt(b.get('rougeL'), '.4f')} -> {_fmt(f.get('rougeL'), '.4f')}; "
+           f"answers in a loop {_fmt(b.get('repetition_share'), '.0%')} -> "
+           f"{_fmt(f.get('repetition_share'), '.0%')}"]
+    warning = guard_verdict(b, f)
+    if warning:
+        out.append(f"  WARNING: {warning}")
+    return out
+
+
+def answer_rows(records: Sequence[Any], before: Sequence[str], after: Sequence[str],
+                scorer: str = "rouge-score") -> list[dict[str, Any]]:
+    """One row per eval record: prompt, reference, the base and final answers and their Rouge-L
+    (by ``scorer``)."""
     from fedtune.eval.metrics import rouge_l_scores
 
     refs = [r.output for r in records]
-    sb, sa = rouge_l_scores(before, refs), rouge_l_scores(after, refs)
+    sb, sa = rouge_l_scores(before, refs, scorer), rouge_l_scores(after, refs, scorer)
     return [{"instruction": r.instruction, "input": r.input, "category": r.category,
              "reference": r.output, "before": b, "after": a, "rougeL_before": x, "rougeL_after": y}
             for r, b, a, x, y in zip(records, before, after, sb, sa, strict=True)]
@@ -212,6 +234,8 @@ COMPARE_COLUMNS = (  # (key, header, format)
     ("run", "run", "s"), ("method", "method", "s"), ("rounds", "rounds", "d"),
     ("eval_loss_before", "eval loss before", ".4f"), ("eval_loss_after", "after", ".4f"),
     ("rougeL_before", "Rouge-L before", ".4f"), ("rougeL_after", "after", ".4f"),
+    ("guard_loss_before", "guard loss before", ".4f"), ("guard_loss_after", "after", ".4f"),
+    ("guard_loops_before", "guard loops before", ".0%"), ("guard_loops_after", "after", ".0%"),
     ("up_per_client_round", "up/client/round", "bytes"),
     ("down_per_client_round", "down/client/round", "bytes"),
     ("total_bytes", "total bytes", "bytes"), ("wall_s", "wall s", ".1f"),
@@ -262,6 +286,10 @@ def compare_row(run: RunRecord) -> dict[str, Any]:
         "run": run.label, "method": run.method, "rounds": rows[-1]["round"],
         "eval_loss_before": base.get("eval_loss"), "eval_loss_after": _last(rows, "eval_loss"),
         "rougeL_before": base.get("rougeL"), "rougeL_after": _last(rows, "rougeL"),
+        "guard_loss_before": base.get("guard_eval_loss"),
+        "guard_loss_after": _last(rows, "guard_eval_loss") if len(rows) > 1 else None,
+        "guard_loops_before": base.get("guard_repetition"),
+        "guard_loops_after": _last(rows, "guard_repetition") if len(rows) > 1 else None,
         "up_per_client_round": sum(r.get("bytes_up_per_client", 0) for r in trained)
         / len(trained),
         "down_per_client_round": sum(r.get("bytes_down_per_client", 0) for r in trained)
@@ -275,8 +303,9 @@ def compare_row(run: RunRecord) -> dict[str, Any]:
 def compare_table(lines: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """The comparison as aligned text, or as a Markdown table (for BENCHMARKS.md-style notes).
     The epsilon column appears only when a run is private."""
-    cols = [c for c in COMPARE_COLUMNS
-            if c[0] != "epsilon" or any(x["epsilon"] is not None for x in lines)]
+    cols = [c for c in COMPARE_COLUMNS  # epsilon and the guard only where some run has them
+            if not c[0].startswith(("epsilon", "guard_"))
+            or any(x[c[0]] is not None for x in lines)]
 
     def cell(value: Any, spec: str) -> str:
         if value is None:

@@ -32,6 +32,7 @@ from fedtune.data.pipeline import all_texts, build_federated_data
 from fedtune.data.prompts import TokenizedExample, resolve_template, tokenize_records
 from fedtune.data.records import Record
 from fedtune.eval.evaluate import evaluate, select_eval_records
+from fedtune.eval.guard import guard_records, guard_verdict, measure_guard
 from fedtune.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.federation.engine import Engine, EngineFactory, RoundResult
 from fedtune.federation.simulation import InProcessEngine
@@ -53,6 +54,7 @@ from fedtune.summary import build_summary
 log = logging.getLogger(__name__)
 CONFIG_NAME = "config.toml"
 BASE_ANSWERS = "answers_base.json"
+GUARD_BASE_ANSWERS = "guard_answers_base.json"
 LOCK_NAME = ".lock"
 
 
@@ -155,6 +157,7 @@ class _Setup:
     device: torch.device
     progress: bool
     accountant: Accountant | None = None  # with algorithm.dp: (epsilon, delta) by round
+    guard: list[Record] = field(default_factory=list)  # the damage guard's records
     answers: dict[str, list[str]] = field(default_factory=dict)  # base and final greedy answers
 
     def epsilon(self, round_: int) -> float | None:
@@ -193,9 +196,10 @@ def _setup(cfg: RunConfig, run_dir: Path, progress: bool) -> _Setup:
     model = method.prepare(ctx, model)
     server = method.server(ctx, model)
     device_half = method.device(ctx, model, DeviceEnv(shared=server.device_share))
+    guard = guard_records(ev.guard_path) if ev.guard else []
     return _Setup(cfg, run_dir, model, tokenizer, template, clients, eval_records, server,
                   device_half, resolve_device(cfg.model.device), progress,
-                  _accountant(cfg, len(clients)))
+                  _accountant(cfg, len(clients)), guard)
 
 
 def _accountant(cfg: RunConfig, num_clients: int) -> Accountant | None:
@@ -227,21 +231,37 @@ def _measure(s: _Setup, round_: int, final: bool) -> dict[str, float]:
     if not (want_loss or want_rouge) or not s.eval_records:
         return {}
     s.server.load_global(s.model)
+    scores = _measure_guard(s, final) if round_ == 0 or final else {}
     if s.server.evaluate is not None:  # FedPT scores its product, the proxy
-        return s.server.evaluate(
+        return scores | s.server.evaluate(
             s.model, s.tokenizer, s.eval_records, max_new_tokens=ev.max_new_tokens,
             batch_size=ev.batch_size, max_length=cfg.data.max_length, rouge=want_rouge,
-            loss=want_loss, template=s.template)
+            loss=want_loss, template=s.template, scorer=ev.rouge)
     # a peft model generates and scores like the PreTrainedModel it wraps
     kept: list[str] | None = [] if round_ == 0 or final else None
-    scores = evaluate(s.model, s.tokenizer, s.eval_records,  # type: ignore[arg-type]
-                      max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                      max_length=cfg.data.max_length, rouge=want_rouge, loss=want_loss,
-                      template=s.template, progress=s.progress, answers=kept)
+    scores |= evaluate(s.model, s.tokenizer, s.eval_records,  # type: ignore[arg-type]
+                       max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                       max_length=cfg.data.max_length, rouge=want_rouge, loss=want_loss,
+                       template=s.template, progress=s.progress, answers=kept, scorer=ev.rouge)
     if kept:
         s.answers["final" if final else "base"] = kept
         if not final:  # a resumed run needs the base answers after a restart
             (s.run_dir / BASE_ANSWERS).write_text(json.dumps(kept))
+    return scores
+
+
+def _measure_guard(s: _Setup, final: bool) -> dict[str, float]:
+    """The damage guard on the global model (FedPT: the tuned small model), before round 1 and
+    after the last; its answers kept for guard_answers.jsonl."""
+    if not s.guard:
+        return {}
+    said: list[str] = []
+    scores = measure_guard(s.model, s.tokenizer, s.guard, s.cfg.evaluation,
+                           max_length=s.cfg.data.max_length, template=s.template,
+                           progress=s.progress, answers=said)
+    s.answers["guard_final" if final else "guard_base"] = said
+    if not final:
+        (s.run_dir / GUARD_BASE_ANSWERS).write_text(json.dumps(said))
     return scores
 
 
@@ -293,7 +313,8 @@ def _round_row(s: _Setup, res: RoundResult, scores: dict[str, float],
     }
     if s.accountant is not None:
         row["epsilon"] = s.epsilon(res.round)
-    row.update({k: v for k, v in scores.items() if k.startswith("small_")})  # FedPT
+    row.update({k: v for k, v in scores.items()  # FedPT's small model, the guard, loops
+                if k.startswith(("small_", "guard_")) or k == "repetition"})
     return row
 
 
@@ -353,15 +374,12 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
     if model_dir is not None:  # in the configured dtype, with a portable base and a card
         finish_export(model_dir, cfg, summary)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    changes = None
-    base_file = run_dir / BASE_ANSWERS
-    if "final" in s.answers and base_file.is_file():
-        base = json.loads(base_file.read_text())
-        if len(base) == len(s.answers["final"]):
-            changes = answer_rows(s.eval_records, base, s.answers["final"])
-            with (run_dir / "answers.jsonl").open("w") as f:
-                for row in changes:
-                    f.write(json.dumps(row) + "\n")
+    changes = _answers_file(s, "final", BASE_ANSWERS, s.eval_records, "answers.jsonl")
+    _answers_file(s, "guard_final", GUARD_BASE_ANSWERS, s.guard, "guard_answers.jsonl")
+    warning = guard_verdict(summary["base"].get("guard") or {},
+                            summary["final"].get("guard") or {})
+    if warning:
+        log.warning("%s (guard_answers.jsonl has the answers)", warning)
     table_log.info("summary:\n%s", summary_text(summary))
     if s.progress:
         print(rounds_table(metrics.rows))
@@ -369,6 +387,24 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
             print(answers_text(changes))
         print(summary_text(summary))
     return summary
+
+
+def _answers_file(s: _Setup, key: str, base_name: str, records: list[Record],
+                  out_name: str) -> list[dict[str, Any]] | None:
+    """Each record's base and final answers and their Rouge-L into ``out_name`` (the base answers
+    from ``base_name``, so a resumed run has them too); the rows, or None when either is
+    missing."""
+    base_file = s.run_dir / base_name
+    if key not in s.answers or not base_file.is_file():
+        return None
+    base = json.loads(base_file.read_text())
+    if len(base) != len(s.answers[key]):
+        return None
+    rows = answer_rows(records[:len(base)], base, s.answers[key], s.cfg.evaluation.rouge)
+    with (s.run_dir / out_name).open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return rows
 
 
 def _run(cfg: RunConfig, run_dir: Path, resume: bool, progress: bool, stop_after: int | None,

@@ -26,8 +26,8 @@ def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, 
         "rounds_run": final["round"],
         "num_clients": num_clients,
         "clients_per_round": per_round,
-        "base": {"rougeL": base.get("rougeL"), "eval_loss": base.get("eval_loss")},
-        "final": {"rougeL": final.get("rougeL"), "eval_loss": final.get("eval_loss")},
+        "base": _scores(base),
+        "final": _scores(final),
         "bytes": {
             "up_per_client_round": sum(r["bytes_up_per_client"] for r in trained)
             / max(1, len(trained)),
@@ -50,6 +50,17 @@ def build_summary(cfg: RunConfig, rows: list[dict[str, Any]], num_clients: int, 
                               "accountant": "dp_accounting RDP, sampling without replacement, "
                                             "replace-one (client level)"}
     return summary
+
+
+def _scores(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row's evaluation for summary.json: Rouge-L, eval loss, the share of answers in a
+    repetition loop, and the damage guard's (``guard``: eval_loss, rougeL, repetition_share)."""
+    out: dict[str, Any] = {"rougeL": row.get("rougeL"), "eval_loss": row.get("eval_loss"),
+                           "repetition_share": row.get("repetition")}
+    if any(k.startswith("guard_") for k in row):
+        out["guard"] = {"eval_loss": row.get("guard_eval_loss"), "rougeL": row.get("guard_rougeL"),
+                        "repetition_share": row.get("guard_repetition")}
+    return out
 
 
 def _product(run_dir: Path) -> str | None:

@@ -170,7 +170,7 @@ def test_evaluate_reports_both_metrics(
     res = evaluate(model, tokenizer, RECORDS, max_new_tokens=8, batch_size=2, max_length=128)
     assert model.training
     model.eval()
-    assert set(res) == {"num_examples", "rougeL", "eval_loss"}
+    assert set(res) == {"num_examples", "rougeL", "eval_loss", "repetition"}
     assert res["num_examples"] == 3
     assert 0.0 <= res["rougeL"] <= 1.0
     assert 0.0 < res["eval_loss"] < 20.0
@@ -180,7 +180,7 @@ def test_evaluate_reports_both_metrics(
     assert only_loss["eval_loss"] == pytest.approx(res["eval_loss"], rel=1e-5)
     only_rouge = evaluate(model, tokenizer, RECORDS, max_new_tokens=8, batch_size=1,
                           max_length=128, loss=False)
-    assert set(only_rouge) == {"num_examples", "rougeL"}
+    assert set(only_rouge) == {"num_examples", "rougeL", "repetition"}
     assert only_rouge["rougeL"] == pytest.approx(res["rougeL"])
 
 

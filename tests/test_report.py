@@ -231,9 +231,19 @@ def test_compare_row_by_hand():
     line = compare_row(run)
     assert line == {"run": "r", "method": "fedkseed", "rounds": 2, "eval_loss_before": 3.0,
                     "eval_loss_after": 2.0, "rougeL_before": 0.1, "rougeL_after": 0.3,
+                    "guard_loss_before": None, "guard_loss_after": None,
+                    "guard_loops_before": None, "guard_loops_after": None,
                     "up_per_client_round": 15.0, "down_per_client_round": 30.0,
                     "total_bytes": 180, "wall_s": 3.0, "peak_memory_mb": 7.0, "epsilon": 3.0}
-    assert "epsilon" in compare_table([line]).splitlines()[0]
+    head = compare_table([line]).splitlines()[0]
+    assert "epsilon" in head and "guard" not in head  # columns only where a run has them
+    run.rows[0].update(guard_eval_loss=2.5, guard_repetition=0.0)
+    run.rows[2].update(guard_eval_loss=2.6, guard_repetition=0.25)
+    line = compare_row(run)
+    assert (line["guard_loss_before"], line["guard_loss_after"]) == (2.5, 2.6)
+    assert (line["guard_loops_before"], line["guard_loops_after"]) == (0.0, 0.25)
+    table = compare_table([line])
+    assert "guard loss before" in table and "25%" in table
 
 
 def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):

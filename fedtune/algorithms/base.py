@@ -85,7 +85,8 @@ class Evaluate(Protocol):
 
     def __call__(self, model: torch.nn.Module, tokenizer: Any, records: Sequence[Record], *,
                  max_new_tokens: int, batch_size: int, max_length: int, rouge: bool,
-                 loss: bool, template: str = "auto") -> dict[str, float]: ...
+                 loss: bool, template: str = "auto", scorer: str = "rouge-score"
+                 ) -> dict[str, float]: ...
 
 
 class SeedSteps(Protocol):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedtune.configbase import check, option
+from fedtune.configbase import check, check_choices, option
+from fedtune.eval.metrics import ROUGE_SCORERS
 
 
 @dataclass
@@ -32,11 +33,41 @@ class EvalConfig:
         "Measure the base model before round 1, so every run reports a before and an after.",
     )
     seed: int = option(0, "Seed of the eval subset sampling.")
+    rouge: str = option(
+        "rouge-score",
+        "Rouge-L scorer: 'rouge-score' (Google's rouge_score package: lower-cased, punctuation "
+        "dropped) or 'fedkseed' (the FedKSeed reference code's: the pltrdy rouge package, "
+        "case-sensitive, sentences split at '.', 0 for an empty answer). The two give different "
+        "numbers; compare with the FedKSeed paper's table only under 'fedkseed'.",
+        choices=ROUGE_SCORERS,
+    )
+    guard: bool = option(
+        True,
+        "The damage guard: score general instructions the run never trains on (the built-in "
+        "set of 64, or guard_path) before round 1 and after the last: eval loss, Rouge-L and the "
+        "share of answers caught in a repetition loop; the run warns when the tuned model got "
+        "worse on them. Cheap: one loss pass and guard_generations short answers each time.",
+    )
+    guard_path: str = option(
+        "",
+        "The guard's records: empty = fedtune's built-in general-instruction set "
+        "(fedtune/eval/guard.jsonl: 64 questions, explanations, extraction, summaries, "
+        "rewrites, lists and advice with one-or-two-sentence reference answers); or a JSONL "
+        "file of records with 'instruction', optional 'input', and 'output' (or 'response').",
+    )
+    guard_generations: int = option(
+        16, "Guard records answered greedily (the first N) for its Rouge-L and repetition "
+            "share; the loss covers every guard record. 0 = loss only.")
+    guard_max_new_tokens: int = option(
+        48, "Generation budget of the guard's answers (loops show within it).")
 
     def validate(self, prefix: str = "eval") -> None:
         check(self.max_new_tokens >= 1, f"{prefix}.max_new_tokens", self.max_new_tokens,
               "must be >= 1")
         check(self.batch_size >= 1, f"{prefix}.batch_size", self.batch_size, "must be >= 1")
-        for key in ("max_examples", "loss_interval", "rouge_interval"):
+        check_choices(self, prefix)
+        check(self.guard_max_new_tokens >= 1, f"{prefix}.guard_max_new_tokens",
+              self.guard_max_new_tokens, "must be >= 1")
+        for key in ("max_examples", "loss_interval", "rouge_interval", "guard_generations"):
             value = getattr(self, key)
             check(value >= 0, f"{prefix}.{key}", value, "must be >= 0 (0 = see the help)")

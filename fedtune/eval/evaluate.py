@@ -34,6 +34,7 @@ from fedtune.data.prompts import (
 from fedtune.data.records import Record
 from fedtune.eval.generation import greedy_generate_ids
 from fedtune.eval.metrics import eval_loss, rouge_l, rouge_l_scores
+from fedtune.eval.stats import repetition_share
 
 
 def select_eval_records(
@@ -87,15 +88,19 @@ def evaluate(
     template: str = "auto",
     progress: bool = False,
     answers: list[str] | None = None,
+    scorer: str = "rouge-score",
 ) -> dict[str, float]:
-    """Evaluate ``model`` on ``records`` with prompts in ``template``.
+    """Evaluate ``model`` on ``records`` with prompts in ``template``; Rouge-L by ``scorer``
+    (:data:`fedtune.eval.metrics.ROUGE_SCORERS`).
 
     ``answers``: when a list is given and Rouge-L is measured, the greedy answers are appended to
     it, in the order of ``records``.
 
-    Returns ``num_examples`` plus ``rougeL`` (mean Rouge-L F of greedy outputs, in [0, 1]) when
-    ``rouge`` and ``eval_loss`` (token-weighted mean cross-entropy on the responses; ``nan`` if
-    every prompt fills ``max_length``) when ``loss``. The model's train/eval mode is restored.
+    Returns ``num_examples``; with ``rouge``, ``rougeL`` (mean Rouge-L F of the greedy outputs,
+    in [0, 1]) and ``repetition`` (the share of answers caught in a repetition loop,
+    :func:`fedtune.eval.stats.repetition_loop`); with ``loss``, ``eval_loss`` (token-weighted
+    mean cross-entropy on the responses; ``nan`` if every prompt fills ``max_length``). The
+    model's train/eval mode is restored.
     """
     results: dict[str, float] = {"num_examples": float(len(records))}
     if loss:
@@ -112,7 +117,8 @@ def evaluate(
         predictions = generate_answers(model, tokenizer, records, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size, max_length=max_length,
                                        template=template, progress=progress)
-        results["rougeL"] = rouge_l(predictions, [record.output for record in records])
+        results["rougeL"] = rouge_l(predictions, [record.output for record in records], scorer)
+        results["repetition"] = repetition_share(predictions)
         if answers is not None:
             answers.extend(predictions)
     return results
@@ -124,10 +130,11 @@ def _phase(progress: bool, line: str) -> None:
         tqdm.write(line, file=sys.stderr)
 
 
-def write_predictions(path: Path, records: Sequence[Record], predictions: Sequence[str]) -> None:
+def write_predictions(path: Path, records: Sequence[Record], predictions: Sequence[str],
+                      scorer: str = "rouge-score") -> None:
     """``fedtune eval --predictions``: one JSON line per example (instruction, input, category,
-    reference, prediction, its Rouge-L F), in eval order."""
-    scores = rouge_l_scores(predictions, [r.output for r in records])
+    reference, prediction, its Rouge-L F by ``scorer``), in eval order."""
+    scores = rouge_l_scores(predictions, [r.output for r in records], scorer)
     with path.open("w") as f:
         for r, p, score in zip(records, predictions, scores, strict=True):
             f.write(json.dumps({"instruction": r.instruction, "input": r.input,

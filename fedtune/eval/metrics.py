@@ -1,7 +1,16 @@
 """Evaluation metrics: Rouge-L of generated responses and token-weighted eval loss.
 
-Rouge-L is the F-measure of the longest common subsequence of words, computed with the
-``rouge_score`` package (the one FedKSeed and FedIT report), without stemming. The eval loss is
+Rouge-L is the F-measure of the longest common subsequence of words, by one of two scorers
+(``evaluation.rouge``), because the papers differ and the two give different numbers:
+
+* ``"rouge-score"`` (the default): Google's ``rouge_score`` package, ``RougeScorer(["rougeL"])``
+  without stemming: lower-cased, punctuation dropped, one LCS over the whole answer;
+* ``"fedkseed"``: what FedKSeed's reference code reports (its ``evaluations.py``): the ``rouge``
+  package (pltrdy, 1.0.1), ``Rouge().get_scores(hyp, ref)[0]["rouge-l"]["f"]`` on the decoded
+  answer, 0 for an empty answer (or one the package refuses): case-sensitive, sentences split at
+  ".", a summary-level union LCS. Tables compared with the FedKSeed paper's use this one.
+
+The eval loss is
 the mean cross-entropy per label token over the whole eval set, so batches with more response
 tokens weigh more (a mean of per-batch means would not be comparable across batch sizes).
 """
@@ -18,26 +27,50 @@ from transformers import PreTrainedModel
 IGNORE_INDEX = -100
 
 
-def rouge_l_scores(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Rouge-L F-measure of each prediction against its reference, in [0, 1].
+ROUGE_SCORERS = ("rouge-score", "fedkseed")
 
-    Raises ``ValueError`` when the lengths differ.
+
+def _fedkseed_rouge_l(prediction: str, reference: str) -> float:
+    """FedKSeed's reference scorer: pltrdy ``rouge``'s Rouge-L F, 0 for an empty answer."""
+    from rouge import Rouge
+
+    if not prediction:
+        return 0.0
+    try:
+        return float(Rouge(metrics=["rouge-l"]).get_scores(prediction, reference)[0]
+                     ["rouge-l"]["f"])
+    except ValueError:  # the package refuses answers with no words (e.g. only ".")
+        return 0.0
+
+
+def rouge_l_scores(predictions: Sequence[str], references: Sequence[str],
+                   scorer: str = "rouge-score") -> list[float]:
+    """Rouge-L F-measure of each prediction against its reference, in [0, 1], by ``scorer``
+    (one of :data:`ROUGE_SCORERS`; the module docstring says how they differ).
+
+    Raises ``ValueError`` when the lengths differ or the scorer is unknown.
     """
     if len(predictions) != len(references):
         raise ValueError(
             f"{len(predictions)} predictions but {len(references)} references"
         )
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return [scorer.score(reference, prediction)["rougeL"].fmeasure
-            for prediction, reference in zip(predictions, references, strict=True)]
+    pairs = zip(predictions, references, strict=True)
+    if scorer == "fedkseed":
+        return [_fedkseed_rouge_l(prediction, reference) for prediction, reference in pairs]
+    if scorer != "rouge-score":
+        raise ValueError(f"unknown Rouge-L scorer {scorer!r}; choose one of {ROUGE_SCORERS}")
+    google = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return [google.score(reference, prediction)["rougeL"].fmeasure
+            for prediction, reference in pairs]
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+def rouge_l(predictions: Sequence[str], references: Sequence[str],
+            scorer: str = "rouge-score") -> float:
     """Mean Rouge-L F-measure of ``predictions`` against ``references``, in [0, 1].
 
     Raises ``ValueError`` when the lengths differ; an empty input scores 0.0.
     """
-    scores = rouge_l_scores(predictions, references)
+    scores = rouge_l_scores(predictions, references, scorer)
     return sum(scores) / len(scores) if scores else 0.0
 
 

@@ -67,7 +67,8 @@ def proxy_eval_loss(proxy: ProxyModel, examples: Sequence[Any], *, pad_id: int,
 
 def evaluate_proxy(proxy: ProxyModel, tokenizer: Any, records: Sequence[Record], *,
                    max_new_tokens: int, batch_size: int, max_length: int, rouge: bool = True,
-                   loss: bool = True, template: str = "auto") -> dict[str, float]:
+                   loss: bool = True, template: str = "auto", scorer: str = "rouge-score"
+                   ) -> dict[str, float]:
     """``num_examples``, ``rougeL`` and ``eval_loss`` of the proxy-tuned model on ``records``
     (prompts in ``template``, as :func:`fedtune.eval.evaluate.evaluate` builds them)."""
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
@@ -84,5 +85,5 @@ def evaluate_proxy(proxy: ProxyModel, tokenizer: Any, records: Sequence[Record],
                                  eos_id=end_of_turn_id(tokenizer, template),
                                  pad_id=pad_id, batch_size=batch_size)
         texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        results["rougeL"] = rouge_l(texts, [r.output for r in records])
+        results["rougeL"] = rouge_l(texts, [r.output for r in records], scorer)
     return results

@@ -115,7 +115,8 @@ def evaluate_product(path: Path, records: Any, cfg: Any, *, large_url: str = "",
         ev = cfg.evaluation
         return evaluate_proxy(loaded.proxy, loaded.tokenizer, records,
                               max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                              max_length=cfg.data.max_length, template=cfg.data.template)
+                              max_length=cfg.data.max_length, template=cfg.data.template,
+                              scorer=ev.rouge)
     finally:
         loaded.close()
 

@@ -299,17 +299,20 @@ class FedPTServer:
     # -- evaluation and result ----------------------------------------------------------------
     def _evaluate(self, model: torch.nn.Module, tokenizer: Any, records: Sequence[Record], *,
                  max_new_tokens: int, batch_size: int, max_length: int, rouge: bool,
-                 loss: bool, template: str = "auto") -> dict[str, float]:
+                 loss: bool, template: str = "auto", scorer: str = "rouge-score"
+                 ) -> dict[str, float]:
         """Score the product, the proxy-tuned large model (``model`` holds the global small)."""
         scores = evaluate_proxy(self.proxy(model), tokenizer, records,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                max_length=max_length, rouge=rouge, loss=loss, template=template)
+                                max_length=max_length, rouge=rouge, loss=loss, template=template,
+                                scorer=scorer)
         if rouge and self.cfg.eval_small:
             from fedtune.eval.evaluate import evaluate
 
             small = evaluate(model, tokenizer, records,  # type: ignore[arg-type]
                              max_new_tokens=max_new_tokens, batch_size=batch_size,
-                             max_length=max_length, rouge=True, loss=False, template=template)
+                             max_length=max_length, rouge=True, loss=False, template=template,
+                             scorer=scorer)
             scores["small_rougeL"] = small["rougeL"]
         return scores
 
