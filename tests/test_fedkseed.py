@@ -499,3 +499,18 @@ def test_equal_weighting_gives_each_reply_one_vote():
     server.accept(reply(n=60000, index=(1,), sum_g=(4.0,)).encode(16))
     server.end_round()
     assert server.accumulators[:2].tolist() == pytest.approx([1.0, 2.0])  # (2 + 0) / 2, 4 / 2
+
+
+def test_frozen_embeddings_stay_the_base_models_and_leave_the_seed_log(tmp_path):
+    out = tmp_path / "frozen"
+    assert run(out, "algorithm.name=fedkseed", "algorithm.fedkseed.tune_embeddings=false") == 0
+    base = AutoModelForCausalLM.from_pretrained(out / "base_model")
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model")
+    emb = base.get_input_embeddings().weight
+    assert torch.equal(emb, tuned.get_input_embeddings().weight)
+    assert torch.equal(base.get_output_embeddings().weight, tuned.get_output_embeddings().weight)
+    moved = [n for (n, p), q in zip(base.named_parameters(), tuned.parameters(), strict=True)
+             if not torch.equal(p, q)]
+    assert moved and not any("embed" in n or "lm_head" in n for n in moved)
+    names = json.loads((out / SEED_LOG).read_text())["param_names"]
+    assert names and not any("embed" in n or "lm_head" in n for n in names)

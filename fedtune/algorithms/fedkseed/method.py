@@ -29,6 +29,11 @@ def prepare(ctx: MethodContext, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(torch.float32)
     for p in model.parameters():
         p.requires_grad_(True)  # full-parameter; no autograd graph is ever built
+    if not ctx.cfg.fedkseed.tune_embeddings:  # z covers what stays trainable (params.trainable)
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            layer = getattr(model, get)() if hasattr(model, get) else None
+            if layer is not None:
+                layer.weight.requires_grad_(False)
     return model.eval()
 
 
