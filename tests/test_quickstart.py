@@ -34,12 +34,14 @@ def test_defaults_are_fedkseed_on_the_real_model_and_the_generated_suite() -> No
 def test_one_round_of_the_quick_start(tmp_path: Path) -> None:
     out = tmp_path / "quick"
     assert main(["run", "--quiet", "--out", str(out), "--set", "federation.rounds=1",
-                 "--set", "evaluation.max_examples=8"]) == 0
+                 "--set", "evaluation.max_examples=8",
+                 "--set", "evaluation.guard_generations=4"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algorithm"] == "fedkseed"
     base, final = summary["base"], summary["final"]
     assert final["eval_loss"] < base["eval_loss"], (base, final)
     assert base["rougeL"] is not None and final["rougeL"] is not None
+    assert base["guard"]["eval_loss"] > 0 and final["guard"]["eval_loss"] > 0  # the damage guard
     per_client = summary["bytes"]["up_per_client_round"] + summary["bytes"]["down_per_client_round"]
     assert 0 < per_client < 4096  # seeds and scalars, not weights
     for plot in summary["plots"]:

@@ -32,6 +32,7 @@ def test_one_fedkseed_round_on_smollm2(tmp_path: Path, caplog: pytest.LogCapture
         "federation.rounds=1", "federation.clients_per_round=1", "algorithm.fedkseed.tau=2",
         "algorithm.fedkseed.k_seeds=16", "algorithm.fedkseed.lr=2e-5",
         "evaluation.max_examples=4", "evaluation.max_new_tokens=8", "output.save_model=false",
+        "evaluation.guard_generations=2", "evaluation.guard_max_new_tokens=8",
         "output.plots=false", "output.checkpoint=false"])
     run_dir = tmp_path / "run"
     summary = runner.run(cfg, run_dir, progress=False)
