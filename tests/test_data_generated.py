@@ -261,3 +261,16 @@ def test_rejects_zero() -> None:
 def test_heldout_categories_validated(bad: object) -> None:
     with pytest.raises(ConfigError, match="heldout_categories"):
         DataConfig(heldout_categories=bad).validate()  # type: ignore[arg-type]
+
+
+def test_a_chosen_set_of_families_keeps_each_familys_examples():
+    from fedtune.config import load_config
+    from fedtune.configbase import ConfigError
+    from fedtune.data.generated import generate_suite
+
+    every = generate_suite(5, 42)
+    two = generate_suite(5, 42, ["month_name", "uppercase"])
+    assert [r.category for r in two] == ["uppercase"] * 5 + ["month_name"] * 5
+    assert two == [r for r in every if r.category in ("uppercase", "month_name")]
+    with pytest.raises(ConfigError, match="generated_families"):
+        load_config(None, ['data.generated_families=["uppercase", "nope"]'])

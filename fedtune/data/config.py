@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedtune.configbase import check, check_choices, option
+from fedtune.data.generated import FAMILIES
 from fedtune.data.loaders import CHAT_FIELDS
 
 TEMPLATES = ("auto", "alpaca", "chat")
@@ -59,6 +60,10 @@ class DataConfig:
     generated_per_family: int = option(
         100, "For 'generated': examples generated per task family."
     )
+    generated_families: list = option(
+        [], "For 'generated': the task families to generate (names from "
+            "fedtune.data.generated.FAMILIES, e.g. [\"uppercase\", \"month_name\"]); empty = "
+            "all 24. Each family's examples do not depend on which others are chosen.")
     heldout_category: str = option(
         "",
         "Category held out whole for evaluation (the FedKSeed Dolly protocol holds out "
@@ -131,6 +136,11 @@ class DataConfig:
               "must be >= 1")
         check(self.generated_per_family >= 1, f"{prefix}.generated_per_family",
               self.generated_per_family, "must be >= 1")
+        check(isinstance(self.generated_families, list)
+              and all(f in FAMILIES for f in self.generated_families)
+              and len(set(self.generated_families)) == len(self.generated_families),
+              f"{prefix}.generated_families", self.generated_families,
+              f"must list distinct family names of {list(FAMILIES)}")
         for frac_key in ("ni_train_fraction", "ni_eval_fraction"):
             v = getattr(self, frac_key)
             check(0 < v <= 1, f"{prefix}.{frac_key}", v, "must be in (0, 1]")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import random
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedtune.data.records import Record
@@ -268,11 +268,18 @@ def generate_family(name: str, n: int, seed: int) -> list[Record]:
                    source_id=name) for inp, out in list(pairs.items()) + repeats]
 
 
-def generate_suite(per_family: int, seed: int) -> list[Record]:
-    """``per_family`` examples of every family in :data:`FAMILIES`, deterministic by ``seed``."""
+def generate_suite(per_family: int, seed: int,
+                   families: Sequence[str] | None = None) -> list[Record]:
+    """``per_family`` examples of every family in ``families`` (default :data:`FAMILIES`, in
+    its order), deterministic by ``seed``."""
     if per_family < 1:
         raise ValueError(f"per_family must be >= 1, got {per_family}")
-    return [r for name in FAMILIES for r in generate_family(name, per_family, seed)]
+    chosen = set(families or FAMILIES)
+    unknown = chosen - set(FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown task families {sorted(unknown)}; known: {list(FAMILIES)}")
+    return [r for name in FAMILIES if name in chosen
+            for r in generate_family(name, per_family, seed)]
 
 
 def training_suite(per_family: int, seed: int) -> list[Record]:

@@ -70,7 +70,8 @@ def load_records(cfg: DataConfig) -> list[Record]:
     """All records of ``cfg.format`` (for Natural Instructions: the sampled train tasks)."""
     _check_path(cfg)
     if cfg.format == "generated":
-        return generate_suite(cfg.generated_per_family, cfg.seed)
+        return generate_suite(cfg.generated_per_family, cfg.seed,
+                              cfg.generated_families or None)
     if cfg.format == "dolly":
         return load_dolly(cfg.path, cfg.on_bad)
     if cfg.format == "alpaca":
