@@ -277,13 +277,15 @@ def test_client_starts_from_the_global_model_bit_for_bit(name, monkeypatch):
     expected = tiny_model()  # a separate model: round 2's global model, as the server defines it
     server.load_global(expected)
     play_round(server, device, model, 3, [0])
-    for a, b in zip(starts[0], params_of(expected), strict=True):
+    named = dict(expected.named_parameters())
+    for a, b in zip(starts[0], [named[n] for n in server.param_names], strict=True):
         assert torch.equal(a, b)  # the client trained from exactly that
     # a fresh device rebuilding from w0 and the (JSON) seed log gets the global model exactly
     server.load_global(model)
     log = json.loads(json.dumps(server.seed_log()))
     fresh = tiny_model()
-    params = list(fresh.parameters())
+    named = dict(fresh.named_parameters())
+    params = [named[n] for n in log["param_names"]]  # the tuned ones, in z's index order
     rebuild_(params, [p.detach().clone() for p in params], log["seed_pool"],
              torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
     for a, b in zip(params, params_of(model), strict=True):
@@ -370,7 +372,8 @@ def test_pro_resume_and_export_equal_the_replayed_seed_log(tmp_path, interrupt_a
     assert log["algorithm"] == "fedkseed-pro" and any(x != 0 for x in log["accumulators"])
     base = AutoModelForCausalLM.from_pretrained(straight / "base_model")
     exported = AutoModelForCausalLM.from_pretrained(straight / "model")
-    params = list(base.parameters())
+    named = dict(base.named_parameters())
+    params = [named[n] for n in log["param_names"]]  # the tuned ones, in z's index order
     rebuild_(params, [p.detach().clone() for p in params], log["seed_pool"],
              torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
     for (name, p), q in zip(base.named_parameters(), exported.parameters(), strict=True):

@@ -74,7 +74,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str],
     return sum(scores) / len(scores) if scores else 0.0
 
 
-def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
     """Sum of next-token cross-entropies over label tokens != -100, and their count.
 
     ``logits`` (B, K, V) are those of the last K positions of ``labels`` (B, T), K <= T.
@@ -124,7 +124,7 @@ def eval_loss(model: PreTrainedModel, batches: Iterable[Mapping[str, torch.Tenso
                 labels = batch["labels"].to(model.device)
                 logits = model(input_ids=input_ids, attention_mask=attention_mask,
                                logits_to_keep=logits_window(labels)).logits
-                batch_sum, batch_count = _token_loss_sum(logits, labels)
+                batch_sum, batch_count = token_loss_sum(logits, labels)
                 total += batch_sum
                 count += batch_count
     finally:

@@ -57,7 +57,9 @@ def rebuild_(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor], pool: S
 def rebuild_from_log(params: Sequence[torch.Tensor], w0: Sequence[torch.Tensor],
                      log: Mapping[str, Any]) -> None:
     """Set ``params`` to the model a seed log (``fedkseed_seeds.json``) defines, with the z it
-    was made with (a log without a version: generator 1, dense)."""
+    was made with (a log without a version: generator 1, dense). ``params`` and ``w0`` are the
+    parameters the log's ``param_names`` lists, in that order (the tuned ones: without the
+    embeddings unless ``algorithm.fedkseed.tune_embeddings``)."""
     rebuild_(params, w0, log["seed_pool"], torch.tensor(log["accumulators"],
                                                         dtype=torch.float32),
              float(log["lr"]), ZSpec.from_log(log))

@@ -250,7 +250,9 @@ class FedKSeedServer:
 
     # -- the global model ---------------------------------------------------------------------
     def load_global(self, model: torch.nn.Module) -> None:
-        self.round_model.set_(list(trainable(model).values()), self.accumulators)
+        # by name, not by requires_grad: any copy of the architecture takes the global model
+        named = dict(model.named_parameters())
+        self.round_model.set_([named[n] for n in self.param_names], self.accumulators)
 
     def seed_log(self) -> dict[str, Any]:
         """Everything needed to rebuild the global model from w0 (float32 A as exact floats)."""
