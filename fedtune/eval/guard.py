@@ -19,10 +19,13 @@ ones answered by default, hold two of each). It shares no task with the generate
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 from fedtune.data.loaders import load_jsonl
 from fedtune.data.records import Record
@@ -58,6 +61,9 @@ def measure_guard(model: Any, tokenizer: Any, records: Sequence[Record], ev: Eva
                   answers: list[str] | None = None) -> dict[str, float]:
     """The guard's three numbers for ``model`` (see the module docstring); the greedy answers
     are appended to ``answers`` when a list is given."""
+    if progress:
+        tqdm.write(f"damage guard: {len(records)} general instructions the run does not train "
+                   "on", file=sys.stderr)
     out = {"guard_eval_loss": evaluate(
         model, tokenizer, records, max_new_tokens=1, batch_size=ev.batch_size,
         max_length=max_length, rouge=False, loss=True, template=template,
