@@ -201,7 +201,7 @@ def test_select_eval_records() -> None:
 def test_eval_config_defaults() -> None:
     cfg = EvalConfig()
     cfg.validate()
-    assert (cfg.max_new_tokens, cfg.batch_size, cfg.max_examples) == (32, 8, 40)
+    assert (cfg.max_new_tokens, cfg.batch_size, cfg.max_examples) == (32, 16, 40)
     assert (cfg.loss_interval, cfg.rouge_interval, cfg.evaluate_base) == (0, 0, True)
 
 

@@ -87,10 +87,11 @@ def test_fedpt_with_fedkseed_devices_distils_through_the_seeds(tmp_path):
     log = json.loads((out / SEED_LOG).read_text())
     base, _ = load_model_and_tokenizer(SMALL, "float32", "cpu")
     exported, _ = load_model_and_tokenizer(out / "model", "float32", "cpu")
-    params = list(base.parameters())
+    named = dict(base.named_parameters())
+    params = [named[n] for n in log["param_names"]]  # the tuned ones, in z's index order
     rebuild_(params, [p.detach().clone() for p in params], log["seed_pool"],
              torch.tensor(log["accumulators"], dtype=torch.float32), log["lr"])
-    for p, q in zip(params, exported.parameters(), strict=True):
+    for p, q in zip(base.parameters(), exported.parameters(), strict=True):
         assert torch.equal(p, q)
     # and without distillation the accumulators (so the devices' model) are different
     plain = tmp_path / "plain"
