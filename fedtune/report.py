@@ -100,7 +100,7 @@ def _guard_lines(b: dict[str, Any], f: dict[str, Any]) -> list[str]:
            f"{_fmt(f.get('repetition_share'), '.0%')}"]
     warning = guard_verdict(b, f)
     if warning:
-        out.append(f"  WARNING: {warning}")
+        out.append(f"  WARNING: {warning} (guard_answers.jsonl has the answers)")
     return out
 
 

@@ -32,7 +32,7 @@ from fedtune.data.pipeline import all_texts, build_federated_data
 from fedtune.data.prompts import TokenizedExample, resolve_template, tokenize_records
 from fedtune.data.records import Record
 from fedtune.eval.evaluate import evaluate, select_eval_records
-from fedtune.eval.guard import guard_records, guard_verdict, measure_guard
+from fedtune.eval.guard import guard_records, measure_guard
 from fedtune.federation.checkpoint import load_checkpoint, save_checkpoint
 from fedtune.federation.engine import Engine, EngineFactory, RoundResult
 from fedtune.federation.simulation import InProcessEngine
@@ -376,10 +376,6 @@ def _finish(s: _Setup, metrics: MetricsLog, counters: dict[str, Any]) -> dict[st
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     changes = _answers_file(s, "final", BASE_ANSWERS, s.eval_records, "answers.jsonl")
     _answers_file(s, "guard_final", GUARD_BASE_ANSWERS, s.guard, "guard_answers.jsonl")
-    warning = guard_verdict(summary["base"].get("guard") or {},
-                            summary["final"].get("guard") or {})
-    if warning:
-        log.warning("%s (guard_answers.jsonl has the answers)", warning)
     table_log.info("summary:\n%s", summary_text(summary))
     if s.progress:
         print(rounds_table(metrics.rows))

@@ -32,7 +32,6 @@ from fedtune.data.records import Record
 from fedtune.eval.config import EvalConfig
 from fedtune.eval.evaluate import evaluate
 
-GUARD_KEYS = ("guard_eval_loss", "guard_rougeL", "guard_repetition")
 # a guard loss this much above the base model's, or more looping answers, earns a warning
 LOSS_TOLERANCE = 0.02
 
